@@ -1,0 +1,13 @@
+"""mcpmeter: a metering proxy for MCP servers.
+
+It relays every JSON-RPC frame between an MCP client and server unchanged and records one
+audit row per request (tool, latency, bytes, project, agent, session), so tool-call spend
+can be allocated per agent, per customer and per feature, and joined to the LLM ledger on
+``request_id``.
+"""
+
+from mcpmeter.record import COLUMNS, CallRecord
+from mcpmeter.tags import Tenant, resolve_tenant
+
+__all__ = ["COLUMNS", "CallRecord", "Tenant", "resolve_tenant"]
+__version__ = "0.1.0"

@@ -1,0 +1,153 @@
+"""The audit writer: settled records go into a queue; one thread writes them in batches.
+
+The relay's only cost per record is a ``deque.append`` (no lock, no wake-up). A background
+thread wakes every ``interval`` seconds, drains the queue and writes up to ``max_batch`` rows
+per transaction. When the store cannot be written (locked past its timeout, read-only, disk
+full), the batch goes to a JSONL spill file beside the store, fsynced, and is loaded back by
+the next writer that starts: no row is lost, and the relay never waits for the store.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import orjson
+
+from mcpmeter.errors import MeterError
+from mcpmeter.log import warn, warn_once
+from mcpmeter.record import CallRecord
+from mcpmeter.store.base import Store
+
+DEFAULT_INTERVAL_S = 0.05
+DEFAULT_MAX_BATCH = 500
+
+
+def spill_path_for(location: str) -> Path | None:
+    """The spill file beside a SQLite store (``audit.db`` -> ``audit.db.spill.jsonl``)."""
+    if "://" in location:
+        return None
+    return Path(location + ".spill.jsonl")
+
+
+class AuditWriter:
+    """Batches records into the store from a background thread. ``put`` is the sink."""
+
+    def __init__(
+        self,
+        open_store: Callable[[], Store],
+        *,
+        spill_path: Path | None = None,
+        interval: float = DEFAULT_INTERVAL_S,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
+        self._open_store = open_store
+        self._spill_path = spill_path
+        self._interval = interval
+        self._max_batch = max_batch
+        self._queue: deque[CallRecord] = deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mcpmeter-audit-writer", daemon=True)
+        self._store: Store | None = None
+        self.put: Callable[[CallRecord], None] = self._queue.append
+        self.written = 0
+        self.spilled = 0
+        self.recovered = 0
+
+    def start(self) -> AuditWriter:
+        self._thread.start()
+        return self
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Write everything queued so far, then stop the thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        if self._queue:  # the thread never ran or gave up: write from here
+            self._drain()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._connect()
+        while not self._stop.wait(self._interval):
+            self._drain()
+        self._drain()
+
+    def _connect(self) -> None:
+        try:
+            self._store = self._open_store()
+        except MeterError as exc:
+            warn_once("store-open", f"{exc}; rows go to the spill file until it can be written")
+            return
+        self._recover_spill()
+
+    def _drain(self) -> None:
+        queue = self._queue
+        while queue:
+            batch: list[CallRecord] = []
+            popleft = queue.popleft
+            try:
+                while len(batch) < self._max_batch:
+                    batch.append(popleft())
+            except IndexError:
+                pass
+            self._write(batch)
+
+    def _write(self, batch: Sequence[CallRecord]) -> None:
+        if self._store is None:
+            try:
+                self._store = self._open_store()
+            except MeterError:
+                self._spill(batch)
+                return
+        try:
+            self._store.write_calls(batch)
+            self.written += len(batch)
+        except Exception as exc:
+            warn_once("store-write", f"cannot write to store {self._store.location}: {exc}; spilling rows")
+            self._spill(batch)
+
+    # -- spill -----------------------------------------------------------------------------
+
+    def _spill(self, batch: Sequence[CallRecord]) -> None:
+        if self._spill_path is None:
+            warn(f"lost {len(batch)} audit rows: the store failed and there is no spill file")
+            return
+        data = b"".join(orjson.dumps(list(record)) + b"\n" for record in batch)
+        try:
+            fd = os.open(self._spill_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.spilled += len(batch)
+        except OSError as exc:
+            warn(f"lost {len(batch)} audit rows: cannot write spill file {self._spill_path}: {exc}")
+
+    def _recover_spill(self) -> None:
+        """Load a spill file left by an earlier run; claim it by renaming so only one loads it."""
+        if self._spill_path is None or self._store is None or not self._spill_path.exists():
+            return
+        claimed = self._spill_path.with_name(f"{self._spill_path.name}.{os.getpid()}.loading")
+        try:
+            os.rename(self._spill_path, claimed)
+        except OSError:
+            return  # another writer claimed it first
+        try:
+            records = [
+                CallRecord(*orjson.loads(line)) for line in claimed.read_bytes().splitlines() if line.strip()
+            ]
+            for start in range(0, len(records), self._max_batch):
+                self._store.write_calls(records[start : start + self._max_batch])
+            claimed.unlink()
+            self.recovered += len(records)
+        except Exception as exc:
+            warn(f"cannot load spill file {claimed}: {exc}; it is left in place")

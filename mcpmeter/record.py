@@ -1,0 +1,91 @@
+"""The audit row: one per JSON-RPC request, in either direction."""
+
+from __future__ import annotations
+
+import time
+from typing import NamedTuple
+
+#: The columns of table ``calls``, in the order ``mcpmeter export`` writes them.
+COLUMNS: tuple[str, ...] = (
+    "id",
+    "ts",
+    "latency_ms",
+    "project_id",
+    "agent_id",
+    "session_id",
+    "tags",
+    "server",
+    "transport",
+    "upstream",
+    "direction",
+    "method",
+    "tool",
+    "jsonrpc_id",
+    "request_id",
+    "trace_id",
+    "request_bytes",
+    "response_bytes",
+    "status",
+    "error_code",
+    "error_message",
+    "cost_usd",
+    "client_name",
+    "client_version",
+    "server_version",
+    "protocol_version",
+    "hash",
+)
+
+#: Statuses a row can have.
+STATUSES = ("ok", "error", "tool_error", "rejected", "cancelled", "no_response")
+
+
+class CallRecord(NamedTuple):
+    """What the meter knows of one request once it is settled.
+
+    ``ts`` is a POSIX timestamp (float seconds); the store formats it. The field order is
+    the column order of ``calls`` without ``id`` and ``hash``, which the store assigns.
+    """
+
+    ts: float
+    latency_ms: float | None
+    project_id: str | None
+    agent_id: str | None
+    session_id: str
+    tags: str
+    server: str | None
+    transport: str
+    upstream: str
+    direction: str
+    method: str
+    tool: str | None
+    jsonrpc_id: str
+    request_id: str | None
+    trace_id: str | None
+    request_bytes: int
+    response_bytes: int | None
+    status: str
+    error_code: int | None
+    error_message: str | None
+    cost_usd: float | None
+    client_name: str | None
+    client_version: str | None
+    server_version: str | None
+    protocol_version: str | None
+
+
+#: Columns the store inserts from a CallRecord (same order as the record's fields).
+INSERT_COLUMNS: tuple[str, ...] = CallRecord._fields
+
+
+def iso_utc(ts: float) -> str:
+    """ISO-8601 UTC with microseconds and a ``Z``: ``2026-11-22T17:23:38.123456Z``.
+
+    Every timestamp in the store has this exact shape, so text order is time order.
+    """
+    secs = int(ts)
+    micros = round((ts - secs) * 1_000_000)
+    if micros >= 1_000_000:
+        secs += 1
+        micros -= 1_000_000
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"

@@ -1,0 +1,59 @@
+"""What every store offers the rest of mcpmeter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mcpmeter.record import CallRecord
+
+
+@dataclass(frozen=True, slots=True)
+class CallFilter:
+    """Row filters shared by ``export``, ``tail`` and ``report``. None means any."""
+
+    since: str | None = None  # ISO-8601 UTC, inclusive
+    until: str | None = None  # ISO-8601 UTC, exclusive
+    project_id: str | None = None
+    agent_id: str | None = None
+    session_id: str | None = None
+    tool: str | None = None
+    status: str | None = None
+    after_id: int | None = None
+
+    def where(self, placeholder: str = "?") -> tuple[str, list[Any]]:
+        """A SQL ``WHERE`` clause (or "") and its parameters."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, op, value in (
+            ("ts", ">=", self.since),
+            ("ts", "<", self.until),
+            ("project_id", "=", self.project_id),
+            ("agent_id", "=", self.agent_id),
+            ("session_id", "=", self.session_id),
+            ("tool", "=", self.tool),
+            ("status", "=", self.status),
+            ("id", ">", self.after_id),
+        ):
+            if value is not None:
+                clauses.append(f"{column} {op} {placeholder}")
+                params.append(value)
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+class Store(Protocol):
+    """A place rows are written to (by one writer per process) and read from."""
+
+    location: str
+
+    def write_calls(self, records: Sequence[CallRecord]) -> None:
+        """Insert ``records`` in one transaction, in order."""
+
+    def iter_calls(self, where: CallFilter, batch: int = 1000) -> Iterator[tuple[Any, ...]]:
+        """Rows matching ``where`` in id order, every column of ``record.COLUMNS``, streamed."""
+
+    def schema_versions(self) -> list[tuple[int, str]]:
+        """The migrations applied, as (version, name)."""
+
+    def close(self) -> None: ...

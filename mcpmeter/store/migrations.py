@@ -1,0 +1,63 @@
+"""Schema migrations, by name, in order. Each runs once per store, in its own transaction.
+
+The names are the contract between backends: every store records the same names in its
+``schema_version`` table, whatever SQL it runs for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sqlite: tuple[str, ...]
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(
+        1,
+        "0001_calls",
+        (
+            """
+            CREATE TABLE calls (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                ts TEXT NOT NULL,
+                latency_ms REAL,
+                project_id TEXT,
+                agent_id TEXT,
+                session_id TEXT NOT NULL,
+                tags TEXT NOT NULL DEFAULT '{}',
+                server TEXT,
+                transport TEXT NOT NULL,
+                upstream TEXT NOT NULL,
+                direction TEXT NOT NULL,
+                method TEXT NOT NULL,
+                tool TEXT,
+                jsonrpc_id TEXT NOT NULL,
+                request_id TEXT,
+                trace_id TEXT,
+                request_bytes INTEGER NOT NULL,
+                response_bytes INTEGER,
+                status TEXT NOT NULL,
+                error_code INTEGER,
+                error_message TEXT,
+                cost_usd REAL,
+                client_name TEXT,
+                client_version TEXT,
+                server_version TEXT,
+                protocol_version TEXT,
+                hash TEXT
+            )
+            """,
+            "CREATE INDEX calls_ts ON calls (ts)",
+            "CREATE INDEX calls_project_agent_ts ON calls (project_id, agent_id, ts)",
+            "CREATE INDEX calls_agent_ts ON calls (agent_id, ts)",
+            "CREATE INDEX calls_session ON calls (session_id)",
+            "CREATE INDEX calls_request_id ON calls (request_id) WHERE request_id IS NOT NULL",
+            "CREATE INDEX calls_tool_ts ON calls (tool, ts)",
+        ),
+    ),
+)

@@ -1,0 +1,136 @@
+"""The embedded default store: one SQLite file in WAL mode.
+
+Many ``wrap`` processes may write the same file at once: each writes whole batches inside
+``BEGIN IMMEDIATE`` (one writer at a time, the others wait up to ``busy_timeout``), and
+readers (``export``, ``tail``) never block them thanks to WAL.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from mcpmeter.errors import StoreError
+from mcpmeter.record import COLUMNS, INSERT_COLUMNS, CallRecord, iso_utc
+from mcpmeter.store.base import CallFilter
+from mcpmeter.store.migrations import MIGRATIONS
+
+_INSERT = f"INSERT INTO calls ({', '.join(INSERT_COLUMNS)}) VALUES ({', '.join('?' for _ in INSERT_COLUMNS)})"
+_SELECT = f"SELECT {', '.join(COLUMNS)} FROM calls"
+_TS = INSERT_COLUMNS.index("ts")
+
+BUSY_TIMEOUT_S = 10.0
+
+
+class SQLiteStore:
+    """A SQLite file holding the audit log. Not thread-safe: one instance per thread."""
+
+    def __init__(self, path: str, *, create: bool = True, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
+        self.location = path
+        file = Path(path)
+        if not create and not file.exists():
+            raise StoreError(f"no store at {path} (nothing recorded yet? set --db or MCPMETER_DB)")
+        try:
+            if create:
+                file.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(
+                path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"cannot open store {path}: {exc}") from exc
+        try:
+            self._configure()
+            self._migrate()
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise StoreError(f"cannot use store {path}: {exc}") from exc
+
+    # -- set-up ----------------------------------------------------------------------------
+
+    def _configure(self) -> None:
+        db = self._db
+        # Switching to WAL needs a moment alone with the file; retry while others hold it.
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        if mode != "wal":
+            raise StoreError(f"store {self.location} cannot use WAL mode (journal_mode={mode})")
+        db.execute("PRAGMA synchronous=NORMAL")
+
+    def _migrate(self) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS schema_version ("
+                " version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+            )
+            applied = {row[0] for row in db.execute("SELECT version FROM schema_version")}
+            for migration in MIGRATIONS:
+                if migration.version in applied:
+                    continue
+                for statement in migration.sqlite:
+                    db.execute(statement)
+                db.execute(
+                    "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                    (migration.version, migration.name, iso_utc(time.time())),
+                )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def write_calls(self, records: Sequence[CallRecord]) -> None:
+        if not records:
+            return
+        rows = [_row(r) for r in records]
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(_INSERT, rows)
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def iter_calls(self, where: CallFilter, batch: int = 1000) -> Iterator[tuple[Any, ...]]:
+        clause, params = where.where()
+        cursor = self._db.execute(f"{_SELECT}{clause} ORDER BY id", params)
+        try:
+            while rows := cursor.fetchmany(batch):
+                yield from rows
+        finally:
+            cursor.close()
+
+    def count_calls(self, where: CallFilter | None = None) -> int:
+        clause, params = (where or CallFilter()).where()
+        return int(self._db.execute(f"SELECT count(*) FROM calls{clause}", params).fetchone()[0])
+
+    def schema_versions(self) -> list[tuple[int, str]]:
+        return [
+            (int(v), str(n))
+            for v, n in self._db.execute("SELECT version, name FROM schema_version ORDER BY version")
+        ]
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _row(record: CallRecord) -> tuple[Any, ...]:
+    row = list(record)
+    row[_TS] = iso_utc(record.ts)
+    return tuple(row)
