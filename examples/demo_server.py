@@ -7,12 +7,13 @@ Four tools, each showing a different kind of call in the audit log:
 
 from __future__ import annotations
 
+import os
 import time
 
 from mcp.server.mcpserver import MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-server = MCPServer("demo-server")
+server = MCPServer("demo-server", log_level=os.environ.get("DEMO_SERVER_LOG_LEVEL", "WARNING"))  # type: ignore[arg-type]
 
 
 @server.tool()
