@@ -1,0 +1,39 @@
+"""The README documents every command and every option users can type."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import typer
+
+from mcpmeter.cli import app
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+COMMANDS = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_has_a_section_in_the_readme(name: str) -> None:
+    assert re.search(rf"^### `mcpmeter {name}\b", README, re.MULTILINE), f"README lacks a section for {name}"
+
+
+@pytest.mark.parametrize(
+    ("command", "option"),
+    [
+        (name, opt)
+        for name, command in sorted(COMMANDS.items())
+        for param in command.params
+        for opt in param.opts
+        if opt.startswith("--")
+    ],
+)
+def test_every_option_is_mentioned_in_the_readme(command: str, option: str) -> None:
+    assert f"`{option}" in README or f" {option} " in README or f"[{option}" in README, (
+        f"README does not mention {command} {option}"
+    )
+
+
+def test_the_changelog_has_an_unreleased_section() -> None:
+    assert "## Unreleased" in (ROOT / "CHANGELOG.md").read_text()
