@@ -51,22 +51,19 @@ class Tap:
         self._splitter = LineSplitter(self._on_line)
 
     def _on_line(self, line: bytes | bytearray, seen: float) -> None:
-        self._meter.on_frame(self._direction, line, seen)
-
-    def feed(self, data: bytes, seen: float) -> None:
+        # Errors are caught per frame, so one bad frame never costs the frames after it.
         try:
-            self._splitter.feed(data, seen)
+            self._meter.on_frame(self._direction, line, seen)
         except Exception as exc:  # a meter bug must never reach the relay
             self._meter.stats.meter_errors += 1
             warn_once("meter-error", f"metering error (frames still relayed): {exc!r}")
 
+    def feed(self, data: bytes, seen: float) -> None:
+        self._splitter.feed(data, seen)
+
     def finish(self, seen: float) -> None:
         """The stream ended: meter a last frame that had no newline."""
-        try:
-            self._splitter.finish(seen)
-        except Exception as exc:
-            self._meter.stats.meter_errors += 1
-            warn_once("meter-error", f"metering error (frames still relayed): {exc!r}")
+        self._splitter.finish(seen)
 
 
 class Pump:

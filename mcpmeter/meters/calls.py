@@ -106,15 +106,27 @@ def frame_size(line: bytes | bytearray) -> int:
     return n
 
 
+def _is_hex(text: str, length: int) -> bool:
+    return len(text) == length and set(text) <= _HEX
+
+
 def trace_id_of(traceparent: object) -> str | None:
-    """The trace id of a W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), else None."""
+    """The trace id of a valid W3C ``traceparent`` (``00-<32 hex>-<16 hex>-<2 hex>``), else None.
+
+    Invalid headers are ignored, as W3C Trace Context requires: a wrong length, non-hex
+    digits, version ``ff``, or an all-zero trace id or parent id.
+    """
     if not isinstance(traceparent, str):
         return None
-    parts = traceparent.strip().split("-")
-    if len(parts) < 4 or len(parts[1]) != 32:
+    parts = traceparent.strip().lower().split("-")
+    if len(parts) < 4:
         return None
-    trace = parts[1].lower()
-    if not set(trace) <= _HEX or trace == "0" * 32:
+    version, trace, parent, flags = parts[0], parts[1], parts[2], parts[3]
+    if not (_is_hex(version, 2) and _is_hex(trace, 32) and _is_hex(parent, 16) and _is_hex(flags, 2)):
+        return None
+    if version == "ff" or (version == "00" and len(parts) != 4):
+        return None
+    if trace == "0" * 32 or parent == "0" * 16:
         return None
     return trace
 
@@ -140,6 +152,20 @@ def request_id_of(meta: dict[str, Any]) -> str | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return str(value)
     return baggage_member(meta.get("baggage"), "request_id")
+
+
+def _member_size(member: dict[str, Any], share: int) -> int:
+    """A batch member's compact JSON size; its share of the batch when it cannot be serialised
+    (orjson reads deeper nesting than it writes)."""
+    try:
+        return len(orjson.dumps(member))
+    except TypeError:
+        return share
+
+
+def _valid_id(rpc_id: object) -> bool:
+    """JSON-RPC ids are strings or numbers (``true`` is not ``1``)."""
+    return isinstance(rpc_id, (str, int, float)) and not isinstance(rpc_id, bool)
 
 
 def _text(value: object) -> str | None:
@@ -199,9 +225,10 @@ class CallMeter:
         elif isinstance(message, list) and message:
             # A JSON-RPC batch: each member is metered with its compact serialised size,
             # since a member has no frame of its own on the wire.
+            share = size // len(message)
             for member in message:
                 if isinstance(member, dict):
-                    self._on_message(direction, member, len(orjson.dumps(member)), seen)
+                    self._on_message(direction, member, _member_size(member, share), seen)
                 else:
                     stats.not_jsonrpc += 1
         else:
@@ -237,7 +264,7 @@ class CallMeter:
 
     def _on_request(self, direction: str, msg: dict[str, Any], method: str, size: int, seen: float) -> None:
         rpc_id = msg["id"]
-        if not isinstance(rpc_id, (str, int, float)) or isinstance(rpc_id, bool):
+        if not _valid_id(rpc_id):
             self.stats.not_jsonrpc += 1
             return
         self.stats.requests += 1
@@ -288,7 +315,7 @@ class CallMeter:
         if not isinstance(params, dict):
             return
         rpc_id = params.get("requestId")
-        if not isinstance(rpc_id, (str, int, float)) or isinstance(rpc_id, bool):
+        if not _valid_id(rpc_id):
             return
         p = self._pending.pop((direction, rpc_id), None)
         if p is not None:
@@ -297,10 +324,7 @@ class CallMeter:
     def _on_response(self, direction: str, msg: dict[str, Any], size: int, seen: float) -> None:
         self.stats.responses += 1
         rpc_id = msg["id"]
-        try:
-            p = self._pending.pop((_OPPOSITE[direction], rpc_id), None)
-        except TypeError:  # an unhashable id
-            p = None
+        p = self._pending.pop((_OPPOSITE[direction], rpc_id), None) if _valid_id(rpc_id) else None
         if p is None:
             self.stats.unmatched_responses += 1
             return
