@@ -100,8 +100,8 @@ async def _relay(argv: list[str], meter: CallMeter, kill_after: float) -> int:
             await asyncio.wait_for(server_eof.wait(), DRAIN_AFTER_EXIT_S)
         except TimeoutError:
             s2c.end()
-        server.signal(signal.SIGTERM)  # anything the server left behind in its group
         await client.flush(FLUSH_TIMEOUT_S)
+        await server.reap_group(kill_after)  # anything the server left behind in its group
         return exit_status(returncode)
     finally:
         if kill_timer is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -308,6 +309,29 @@ class ServerProcess:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(self.pid, sig)
 
+    def group_alive(self) -> bool:
+        """Whether any process is left in the server's process group."""
+        if self.pid is None:
+            return False
+        try:
+            os.killpg(self.pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+
+    async def reap_group(self, kill_after: float) -> None:
+        """After the server exits: SIGTERM what it left in its group, SIGKILL after ``kill_after``."""
+        if not self.group_alive():
+            return
+        self.signal(signal.SIGTERM)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + kill_after
+        # Grandchildren are not our children: nothing signals their exit, so poll.
+        while self.group_alive() and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.02)
+        if self.group_alive():
+            self.signal(signal.SIGKILL)
+
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -327,7 +351,6 @@ def _parent_death_guard() -> Callable[[], None] | None:
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
-    import signal
 
     try:
         libc = ctypes.CDLL(None, use_errno=True)
