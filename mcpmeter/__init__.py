@@ -6,8 +6,4 @@ can be allocated per agent, per customer and per feature, and joined to the LLM 
 ``request_id``.
 """
 
-from mcpmeter.record import COLUMNS, CallRecord
-from mcpmeter.tags import Tenant, resolve_tenant
-
-__all__ = ["COLUMNS", "CallRecord", "Tenant", "resolve_tenant"]
 __version__ = "0.1.0"

@@ -9,12 +9,22 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    import typer
-
-    from mcpmeter.cli import app
     from mcpmeter.errors import MeterError
 
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["wrap"]:  # the fast path: a client is waiting for its server
+        from mcpmeter import wrap_cli
+
+        try:
+            return wrap_cli.main(args[1:])
+        except MeterError as exc:
+            _error(str(exc))
+            return exc.exit_code
+
+    import typer
+
+    from mcpmeter.cli import app
+
     try:
         result = app(args=args, prog_name="mcpmeter", standalone_mode=False)
     except MeterError as exc:

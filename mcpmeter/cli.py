@@ -50,44 +50,19 @@ UntilOption = Annotated[
 
 
 @app.command(
-    context_settings={"allow_interspersed_args": False},
-    help=(
-        "Run a stdio MCP server and relay its JSON-RPC frames unchanged, "
-        "recording one audit row per request. "
-        "Usage: mcpmeter wrap [OPTIONS] -- CMD [ARGS...] "
-        "(the -- may be left out when CMD does not start with -)."
-    ),
+    context_settings={
+        "allow_interspersed_args": False,
+        "ignore_unknown_options": True,
+        "allow_extra_args": True,
+    },
+    add_help_option=False,
+    help="Run a stdio MCP server behind the metering relay: mcpmeter wrap [OPTIONS] -- CMD [ARGS...]",
 )
-def wrap(
-    cmd: Annotated[list[str] | None, typer.Argument(help="The server command and its arguments.")] = None,
-    db: DbOption = None,
-    project: Annotated[
-        str | None, typer.Option("--project", help="Project, customer or tenant. Env: MCPMETER_PROJECT_ID.")
-    ] = None,
-    agent: Annotated[
-        str | None,
-        typer.Option("--agent", help="Agent name. Env: MCPMETER_AGENT_ID (or MCPMETER_AGENT_NAME)."),
-    ] = None,
-    session: Annotated[
-        str | None,
-        typer.Option("--session", help="Session id (default: a new UUID). Env: MCPMETER_SESSION_ID."),
-    ] = None,
-    tag: Annotated[
-        list[str] | None,
-        typer.Option("--tag", help="A free dimension k=v (repeatable). Env: MCPMETER_TAGS=k=v,k2=v2."),
-    ] = None,
-    kill_after: Annotated[
-        float, typer.Option("--kill-after", help="Seconds between forwarding SIGTERM/SIGINT and SIGKILL.")
-    ] = 5.0,
-) -> None:
-    from mcpmeter.tags import resolve_tenant
-    from mcpmeter.wrap import WrapOptions, run_wrap
+def wrap(ctx: typer.Context) -> None:
+    """Parsed by :mod:`mcpmeter.wrap_cli` (``mcpmeter.__main__`` goes there directly)."""
+    from mcpmeter.wrap_cli import main
 
-    if not cmd:
-        raise UsageError("wrap needs a server command: mcpmeter wrap [OPTIONS] -- CMD [ARGS...]")
-    tenant = resolve_tenant(project=project, agent=agent, session=session, tags=tag or ())
-    code = run_wrap(WrapOptions(argv=list(cmd), tenant=tenant, db=db, kill_after=kill_after))
-    raise typer.Exit(code)
+    raise typer.Exit(main(list(ctx.args)))
 
 
 @app.command(help="Write audit rows out as JSON lines or CSV (every column, in order), streamed.")

@@ -78,14 +78,22 @@ class CallRecord(NamedTuple):
 INSERT_COLUMNS: tuple[str, ...] = CallRecord._fields
 
 
+_last_second: list[tuple[int, str]] = [(-1, "")]
+
+
 def iso_utc(ts: float) -> str:
     """ISO-8601 UTC with microseconds and a ``Z``: ``2026-11-22T17:23:38.123456Z``.
 
-    Every timestamp in the store has this exact shape, so text order is time order.
+    Every timestamp in the store has this exact shape, so text order is time order. The
+    writer formats thousands a second, mostly within the same second: that part is cached.
     """
     secs = int(ts)
     micros = round((ts - secs) * 1_000_000)
     if micros >= 1_000_000:
         secs += 1
         micros -= 1_000_000
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{micros:06d}Z"
+    cached_secs, prefix = _last_second[0]
+    if cached_secs != secs:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        _last_second[0] = (secs, prefix)
+    return f"{prefix}.{micros:06d}Z"

@@ -3,27 +3,36 @@
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
 
-import orjson
+import msgspec
 
 from mcpmeter.errors import UsageError
 
 
-@dataclass(frozen=True, slots=True)
-class Tenant:
+class Tenant(NamedTuple):
     """The tags stamped on every row a proxy writes."""
 
     project_id: str | None
     agent_id: str | None
     session_id: str
-    tags: Mapping[str, str] = field(default_factory=dict)
+    tags: Mapping[str, str] = MappingProxyType({})
 
     @property
     def tags_json(self) -> str:
-        return orjson.dumps(dict(self.tags), option=orjson.OPT_SORT_KEYS).decode()
+        """The free dimensions as a JSON object, keys sorted."""
+        return msgspec.json.encode(dict(sorted(self.tags.items()))).decode()
+
+
+def new_session_id() -> str:
+    """A random (version 4) UUID, without importing :mod:`uuid` on the start-up path."""
+    raw = bytearray(os.urandom(16))
+    raw[6] = (raw[6] & 0x0F) | 0x40
+    raw[8] = (raw[8] & 0x3F) | 0x80
+    h = raw.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def parse_tag_pairs(pairs: Sequence[str], source: str) -> dict[str, str]:
@@ -58,7 +67,7 @@ def resolve_tenant(
     env = os.environ if env is None else env
     project_id = project or env.get("MCPMETER_PROJECT_ID") or None
     agent_id = agent or env.get("MCPMETER_AGENT_ID") or env.get("MCPMETER_AGENT_NAME") or None
-    session_id = session or env.get("MCPMETER_SESSION_ID") or str(uuid.uuid4())
+    session_id = session or env.get("MCPMETER_SESSION_ID") or new_session_id()
     merged = parse_tag_pairs(env.get("MCPMETER_TAGS", "").split(","), "MCPMETER_TAGS")
     merged.update(parse_tag_pairs(tags, "--tag"))
     return Tenant(project_id=project_id, agent_id=agent_id, session_id=session_id, tags=merged)

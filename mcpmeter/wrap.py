@@ -1,59 +1,79 @@
 """``mcpmeter wrap -- CMD``: run a stdio server behind the metering relay.
 
-Start-up order matters for transparency: stdout is connected first (so nothing the server
-prints can be dropped), then the server is spawned, then stdin is read. The relay ends when
-the server has exited and its stdout is drained; mcpmeter then exits with the server's code.
-Our stdin closing closes the server's stdin; SIGINT/SIGTERM/SIGHUP go to the server's
-process group, and SIGKILL follows after ``kill_after`` seconds if it is still running.
+The server is spawned first (before any thread exists, since ``fork`` and threads do not
+mix), then the audit writer and the two pumps start. The main thread waits for the server
+to exit, handling signals meanwhile: SIGINT/SIGTERM/SIGHUP go to the server's process group
+and SIGKILL follows after ``kill_after`` seconds if it is still running. Our stdin closing
+closes the server's stdin; the client closing our stdout does too. Once the server has
+exited and its stdout is drained, what it left in its group is stopped, every row is
+written, and mcpmeter exits with the server's code.
 """
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import os
 import signal
-from dataclasses import dataclass, field
-from pathlib import Path
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import TYPE_CHECKING, NamedTuple
 
 from mcpmeter.errors import MeterError
 from mcpmeter.log import verbose, warn
 from mcpmeter.meters.audit import AuditWriter, spill_path_for
 from mcpmeter.meters.calls import C2S, S2C, CallMeter
-from mcpmeter.relay import Pump, Tap
-from mcpmeter.store import open_store, resolve_db
+from mcpmeter.relay import FdEndpoint, Pump, Tap
 from mcpmeter.tags import Tenant
-from mcpmeter.transports.stdio import ClientStdio, ServerProcess, exit_status
+from mcpmeter.transports.stdio import ServerProcess, exit_status
+
+if TYPE_CHECKING:
+    from mcpmeter.store.base import Store
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-#: After the server exits, how long its stdout may stay open (a grandchild holding it).
-DRAIN_AFTER_EXIT_S = 2.0
-#: How long buffered output may wait for a client that stopped reading.
-FLUSH_TIMEOUT_S = 10.0
+#: After the server exits, how long its stdout may stay open without a byte moving (a
+#: grandchild holding it, or a client that stopped reading) before the relay gives up.
+DRAIN_IDLE_S = 2.0
+#: How long a thread may hold the GIL while another waits (CPython's default is 5 ms).
+SWITCH_INTERVAL_S = 0.0002
 
 
-@dataclass(slots=True)
-class WrapOptions:
+class WrapOptions(NamedTuple):
     argv: list[str]
     tenant: Tenant
     db: str | None = None
     kill_after: float = 5.0
-    extra: dict[str, str] = field(default_factory=dict)
 
 
 def run_wrap(options: WrapOptions) -> int:
     """Relay until the server exits; write every row; return the exit code for mcpmeter."""
+    server = ServerProcess(options.argv)
+    try:
+        server.start()
+    except FileNotFoundError:
+        raise MeterError(f"command not found: {options.argv[0]}", exit_code=127) from None
+    except PermissionError:
+        raise MeterError(f"permission denied: {options.argv[0]}", exit_code=126) from None
+    except OSError as exc:
+        raise MeterError(f"cannot start {options.argv[0]}: {exc.strerror or exc}", exit_code=126) from None
+
+    # The relay's threads must not wait long for the GIL while the writer holds it.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     location = resolve_db(options.db)
-    writer = AuditWriter(lambda: open_store(location), spill_path=spill_path_for(location)).start()
+    writer = AuditWriter(_store_opener(location), spill_path=spill_path_for(location)).start()
     meter = CallMeter(
         options.tenant,
         writer.put,
         transport="stdio",
         upstream="stdio",
-        default_server=Path(options.argv[0]).name,
+        default_server=os.path.basename(options.argv[0]),
     )
     try:
-        return asyncio.run(_relay(options.argv, meter, options.kill_after))
+        return _relay(server, meter, options.kill_after)
     finally:
-        meter.close()
+        with meter.lock:  # stdin may still be open: its pump could be metering
+            meter.close()
         writer.close()
         if verbose():
             s = meter.stats
@@ -65,48 +85,63 @@ def run_wrap(options: WrapOptions) -> int:
             )
 
 
-async def _relay(argv: list[str], meter: CallMeter, kill_after: float) -> int:
-    loop = asyncio.get_running_loop()
-    server_eof = asyncio.Event()
-    c2s = Pump(Tap(C2S, meter), on_eof=lambda: None)
-    s2c = Pump(Tap(S2C, meter), on_eof=server_eof.set)
-    client = ClientStdio()
-    server = ServerProcess(argv, c2s, s2c)
+def resolve_db(db: str | None) -> str:
+    """The store location (see :func:`mcpmeter.store.resolve_db`), without importing the store."""
+    if db or os.environ.get("MCPMETER_DB"):
+        return db or os.environ["MCPMETER_DB"]
+    from mcpmeter.store import default_db
 
-    await client.connect_stdout(s2c, on_lost=server.stdin_sink.close)
-    try:
-        await server.start()
-    except FileNotFoundError:
-        raise MeterError(f"command not found: {argv[0]}", exit_code=127) from None
-    except PermissionError:
-        raise MeterError(f"permission denied: {argv[0]}", exit_code=126) from None
-    except OSError as exc:
-        raise MeterError(f"cannot start {argv[0]}: {exc.strerror or exc}", exit_code=126) from None
+    return default_db()
 
-    kill_timer: asyncio.TimerHandle | None = None
 
-    def forward(sig: int) -> None:
+def _store_opener(location: str) -> Callable[[], Store]:
+    """Opens the store in the writer's thread: SQLite is imported there, off the start-up path."""
+
+    def open_it() -> Store:
+        from mcpmeter.store import open_store
+
+        return open_store(location)
+
+    return open_it
+
+
+def _relay(server: ServerProcess, meter: CallMeter, kill_after: float) -> int:
+    assert server.stdin is not None and server.stdout is not None
+    lock = meter.lock
+    c2s = Pump("c2s", FdEndpoint(0), server.stdin, Tap(C2S, meter), lock, on_eof=server.close_stdin)
+    # The client stopped reading our stdout: the session is over, tell the server so.
+    s2c = Pump("s2c", server.stdout, FdEndpoint(1), Tap(S2C, meter), lock, on_sink_lost=server.close_stdin)
+    kill_timer: threading.Timer | None = None
+
+    def forward(sig: int, frame: FrameType | None) -> None:
         nonlocal kill_timer
         server.signal(sig)
         if kill_timer is None:
-            kill_timer = loop.call_later(kill_after, server.signal, signal.SIGKILL)
+            kill_timer = threading.Timer(kill_after, server.signal, (signal.SIGKILL,))
+            kill_timer.daemon = True
+            kill_timer.start()
 
-    for sig in FORWARDED_SIGNALS:
-        loop.add_signal_handler(sig, forward, sig)
+    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
     try:
-        await client.connect_stdin(c2s)
-        returncode = await server.exited
-        try:
-            await asyncio.wait_for(server_eof.wait(), DRAIN_AFTER_EXIT_S)
-        except TimeoutError:
-            s2c.end()
-        await client.flush(FLUSH_TIMEOUT_S)
-        await server.reap_group(kill_after)  # anything the server left behind in its group
+        c2s.start()
+        s2c.start()
+        returncode = server.wait()
+        _drain(s2c)
+        server.reap_group(kill_after)
         return exit_status(returncode)
     finally:
         if kill_timer is not None:
             kill_timer.cancel()
-        for sig in FORWARDED_SIGNALS:
-            loop.remove_signal_handler(sig)
+        for sig, handler in previous.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(sig, handler)
         server.close()
-        client.restore()
+
+
+def _drain(pump: Pump) -> None:
+    """Wait for the server's stdout to reach EOF, as long as bytes keep moving."""
+    last = -1
+    while not pump.done.wait(DRAIN_IDLE_S):
+        if pump.bytes == last:
+            return  # nothing moved for DRAIN_IDLE_S: a grandchild holds the pipe open
+        last = pump.bytes

@@ -9,6 +9,7 @@ import typer
 from conftest import ROOT
 
 from mcpmeter.cli import app
+from mcpmeter.wrap_cli import build_parser
 
 README = (ROOT / "README.md").read_text()
 COMMANDS = typer.main.get_command(app).commands  # type: ignore[attr-defined]
@@ -19,15 +20,19 @@ def test_every_command_has_a_section_in_the_readme(name: str) -> None:
     assert re.search(rf"^### `mcpmeter {name}\b", README, re.MULTILINE), f"README lacks a section for {name}"
 
 
+WRAP_OPTIONS = [("wrap", opt) for action in build_parser()._actions for opt in action.option_strings]
+TYPER_OPTIONS = [
+    (name, opt)
+    for name, command in sorted(COMMANDS.items())
+    for param in command.params
+    for opt in param.opts
+    if opt.startswith("--")
+]
+
+
 @pytest.mark.parametrize(
     ("command", "option"),
-    [
-        (name, opt)
-        for name, command in sorted(COMMANDS.items())
-        for param in command.params
-        for opt in param.opts
-        if opt.startswith("--")
-    ],
+    [(c, o) for c, o in WRAP_OPTIONS + TYPER_OPTIONS if o.startswith("--") and o != "--help"],
 )
 def test_every_option_is_mentioned_in_the_readme(command: str, option: str) -> None:
     mentioned = re.search(rf"(?<![\w-]){re.escape(option)}(?![\w-])", README)

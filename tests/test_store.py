@@ -135,16 +135,27 @@ def test_the_store_is_in_wal_mode(db_path: Path) -> None:
         con.close()
 
 
-def test_the_calls_table_is_indexed_for_time_tenant_session_join_and_tool_queries(db_path: Path) -> None:
+def test_the_calls_table_is_indexed_for_time_tenant_and_join_queries(db_path: Path) -> None:
     SQLiteStore(str(db_path)).close()
-    assert {
-        "calls_ts",
-        "calls_project_agent_ts",
-        "calls_agent_ts",
-        "calls_session",
-        "calls_request_id",
-        "calls_tool_ts",
-    } <= sqlite_master(db_path, "index")
+    assert {"calls_ts", "calls_project_agent_ts", "calls_request_id"} <= sqlite_master(db_path, "index")
+
+
+def test_queries_by_time_by_project_and_agent_and_by_request_id_use_an_index(db_path: Path) -> None:
+    SQLiteStore(str(db_path)).close()
+    con = sqlite3.connect(db_path)
+    try:
+        for query, index in (
+            ("SELECT id FROM calls WHERE ts >= '2026-01-01'", "calls_ts"),
+            (
+                "SELECT id FROM calls WHERE project_id = 'p' AND agent_id = 'a' AND ts >= '2026'",
+                "calls_project_agent_ts",
+            ),
+            ("SELECT id FROM calls WHERE request_id = 'r'", "calls_request_id"),
+        ):
+            plan = " ".join(str(row[-1]) for row in con.execute(f"EXPLAIN QUERY PLAN {query}"))
+            assert index in plan, (query, plan)
+    finally:
+        con.close()
 
 
 def test_opening_a_store_again_applies_no_migration_twice_and_keeps_its_rows(db_path: Path) -> None:

@@ -14,13 +14,16 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import orjson
+import msgspec
 
 from mcpmeter.errors import MeterError
 from mcpmeter.log import warn, warn_once
 from mcpmeter.record import CallRecord
-from mcpmeter.store.base import Store
+
+if TYPE_CHECKING:
+    from mcpmeter.store.base import Store
 
 DEFAULT_INTERVAL_S = 0.05
 DEFAULT_MAX_BATCH = 500
@@ -120,7 +123,8 @@ class AuditWriter:
         if self._spill_path is None:
             warn(f"lost {len(batch)} audit rows: the store failed and there is no spill file")
             return
-        data = b"".join(orjson.dumps(list(record)) + b"\n" for record in batch)
+        encode = msgspec.json.encode
+        data = b"".join(encode(record) + b"\n" for record in batch)
         try:
             fd = os.open(self._spill_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
@@ -143,7 +147,9 @@ class AuditWriter:
             return  # another writer claimed it first
         try:
             records = [
-                CallRecord(*orjson.loads(line)) for line in claimed.read_bytes().splitlines() if line.strip()
+                CallRecord(*msgspec.json.decode(line))
+                for line in claimed.read_bytes().splitlines()
+                if line.strip()
             ]
             for start in range(0, len(records), self._max_batch):
                 self._store.write_calls(records[start : start + self._max_batch])

@@ -3,7 +3,12 @@
 The meter sees frames after the relay has forwarded them. It never raises into the relay
 (the tap that calls it counts its errors) and it does no I/O: settled records go to
 ``sink`` (the audit writer's queue). Everything here is constant time per frame apart from
-``orjson.loads``, which only runs on complete frames.
+decoding the envelope (:mod:`mcpmeter.meters.envelope`), which only runs on complete frames.
+
+The relay runs one thread per direction and calls the meter under one lock per connection,
+in whatever order the threads get there: a response can be metered a moment before the
+request it answers. Such a response waits as an *orphan* until its request arrives (it
+pairs only if it was seen after the request, so a stale unknown id never does).
 
 Directions: ``c2s`` frames travel client -> server, ``s2c`` server -> client. A request is
 keyed by the direction it travelled and its id, so the client's id 1 and the server's id 1
@@ -13,14 +18,24 @@ request with its id, and the other way round.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
-from urllib.parse import unquote
 
-import orjson
+import msgspec
 
+from mcpmeter.meters.envelope import (
+    UNSET,
+    DecodeError,
+    Error,
+    Message,
+    Params,
+    Result,
+    ValidationError,
+    decode_batch,
+    decode_message,
+)
 from mcpmeter.record import CallRecord
 from mcpmeter.tags import Tenant
 
@@ -36,33 +51,56 @@ _NAMED_METHODS = frozenset({"tools/call", "prompts/get"})
 _URI_METHODS = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
 _MAX_ERROR_MESSAGE = 512
 _HEX = frozenset("0123456789abcdef")
+_WHITESPACE = frozenset(b" \t\r\n")
+#: Responses metered before their request (or never claimed) kept at most.
+_MAX_ORPHANS = 1024
+#: Frames that cannot be JSON-RPC are parsed only up to this size, to count them right.
+_CLASSIFY_LIMIT = 1 << 16
+decode_json = msgspec.json.decode
+#: Builds a CallRecord from a tuple without NamedTuple's Python-level ``__new__``.
+_new_record = tuple.__new__
 
 
-@dataclass(slots=True)
 class Peers:
     """What the handshake (or the 2026-07-28 ``_meta``) told us about both ends."""
 
-    client_name: str | None = None
-    client_version: str | None = None
-    server_name: str | None = None
-    server_version: str | None = None
-    protocol_version: str | None = None
+    __slots__ = ("client_name", "client_version", "protocol_version", "server_name", "server_version")
+
+    def __init__(self) -> None:
+        self.client_name: str | None = None
+        self.client_version: str | None = None
+        self.server_name: str | None = None
+        self.server_version: str | None = None
+        self.protocol_version: str | None = None
 
 
-@dataclass(slots=True)
 class FrameStats:
     """Counters for what the meter saw; reported at exit, never stored per frame."""
 
-    frames: int = 0
-    requests: int = 0
-    notifications: int = 0
-    responses: int = 0
-    blank: int = 0
-    not_json: int = 0
-    not_jsonrpc: int = 0
-    unmatched_responses: int = 0
-    duplicate_ids: int = 0
-    meter_errors: int = 0
+    __slots__ = (
+        "blank",
+        "duplicate_ids",
+        "frames",
+        "meter_errors",
+        "not_json",
+        "not_jsonrpc",
+        "notifications",
+        "requests",
+        "responses",
+        "unmatched_responses",
+    )
+
+    def __init__(self) -> None:
+        self.frames = 0
+        self.requests = 0
+        self.notifications = 0
+        self.responses = 0
+        self.blank = 0
+        self.not_json = 0
+        self.not_jsonrpc = 0
+        self.unmatched_responses = 0
+        self.duplicate_ids = 0
+        self.meter_errors = 0
 
 
 class _Pending:
@@ -139,7 +177,11 @@ def baggage_member(baggage: object, key: str) -> str | None:
         name, sep, rest = member.partition("=")
         if sep and name.strip() == key:
             value = rest.split(";", 1)[0].strip()
-            return unquote(value) or None
+            if "%" in value:
+                from urllib.parse import unquote
+
+                value = unquote(value)
+            return value or None
     return None
 
 
@@ -154,18 +196,23 @@ def request_id_of(meta: dict[str, Any]) -> str | None:
     return baggage_member(meta.get("baggage"), "request_id")
 
 
-def _member_size(member: dict[str, Any], share: int) -> int:
-    """A batch member's compact JSON size; its share of the batch when it cannot be serialised
-    (orjson reads deeper nesting than it writes)."""
-    try:
-        return len(orjson.dumps(member))
-    except TypeError:
-        return share
+def _first_byte(line: bytes | bytearray) -> int | None:
+    """The first byte that is not JSON whitespace, or None for a blank frame."""
+    for i in range(len(line)):
+        byte = line[i]
+        if byte not in _WHITESPACE:
+            return byte
+    return None
+
+
+def _valid_code(code: object) -> bool:
+    return isinstance(code, int) and not isinstance(code, bool)
 
 
 def _valid_id(rpc_id: object) -> bool:
     """JSON-RPC ids are strings or numbers (``true`` is not ``1``)."""
-    return isinstance(rpc_id, (str, int, float)) and not isinstance(rpc_id, bool)
+    kind = type(rpc_id)
+    return kind is int or kind is str or kind is float
 
 
 def _text(value: object) -> str | None:
@@ -199,11 +246,14 @@ class CallMeter:
         self._upstream = upstream
         self._default_server = default_server
         self._pending: dict[tuple[str, object], _Pending] = {}
+        self._orphans: dict[tuple[str, object], tuple[float, int, Message]] = {}
         # Wall time of a frame = wall time at start + monotonic time elapsed since.
         self._wall0 = wall_clock()
         self._mono0 = mono_clock()
         self.peers = Peers()
         self.stats = FrameStats()
+        #: Held by whoever feeds or closes the meter (the relay's two pump threads).
+        self.lock = threading.Lock()
 
     # -- the entry point -------------------------------------------------------------------
 
@@ -211,35 +261,54 @@ class CallMeter:
         """One complete frame (without its ``\\n``) seen travelling ``direction`` at ``seen``."""
         stats = self.stats
         stats.frames += 1
-        size = frame_size(line)
-        if size == 0 or not line.strip():
-            stats.blank += 1
-            return
-        try:
-            message = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            stats.not_json += 1
-            return
-        if isinstance(message, dict):
+        size = len(line)
+        if size and line[size - 1] == 0x0D:  # frame_size(), inlined: this runs per frame
+            size -= 1
+        first = line[0] if size and line[0] not in _WHITESPACE else _first_byte(line)
+        if first == 0x7B:  # "{"
+            try:
+                message = decode_message(line)
+            except ValidationError:
+                stats.not_jsonrpc += 1
+                return
+            except DecodeError:
+                stats.not_json += 1
+                return
             self._on_message(direction, message, size, seen)
-        elif isinstance(message, list) and message:
-            # A JSON-RPC batch: each member is metered with its compact serialised size,
-            # since a member has no frame of its own on the wire.
-            share = size // len(message)
-            for member in message:
-                if isinstance(member, dict):
-                    self._on_message(direction, member, _member_size(member, share), seen)
-                else:
+        elif first == 0x5B:  # "[": a JSON-RPC batch, each member metered with its own bytes
+            try:
+                members = decode_batch(line)
+            except (DecodeError, ValidationError):
+                stats.not_json += 1
+                return
+            if not members:
+                stats.not_jsonrpc += 1
+            for raw in members:
+                try:
+                    member = decode_message(raw)
+                except (DecodeError, ValidationError):
                     stats.not_jsonrpc += 1
+                    continue
+                self._on_message(direction, member, len(raw), seen)
+        elif first is None:
+            stats.blank += 1
+        elif size <= _CLASSIFY_LIMIT:
+            try:
+                decode_json(line)  # a JSON scalar is JSON, just not JSON-RPC
+                stats.not_jsonrpc += 1
+            except DecodeError:
+                stats.not_json += 1
         else:
-            stats.not_jsonrpc += 1
+            stats.not_json += 1
 
-    def close(self, seen: float | None = None) -> None:
+    def close(self) -> None:
         """The stream ended: every request still waiting becomes a ``no_response`` row."""
         pending = self._pending
         self._pending = {}
         for p in pending.values():
             self._emit(p, None, None, "no_response", None, None)
+        self.stats.unmatched_responses += len(self._orphans)
+        self._orphans.clear()
 
     @property
     def pending_count(self) -> int:
@@ -247,52 +316,58 @@ class CallMeter:
 
     # -- message kinds ---------------------------------------------------------------------
 
-    def _on_message(self, direction: str, msg: dict[str, Any], size: int, seen: float) -> None:
-        method = msg.get("method")
+    def _on_message(self, direction: str, msg: Message, size: int, seen: float) -> None:
+        method = msg.method
         if isinstance(method, str):
-            if "id" in msg and msg["id"] is not None:
+            if msg.id is not UNSET and msg.id is not None:
                 self._on_request(direction, msg, method, size, seen)
             else:
                 self.stats.notifications += 1
                 if method == "notifications/cancelled":
                     self._on_cancelled(direction, msg)
             return
-        if "id" in msg and ("result" in msg or "error" in msg):
+        if msg.id is not UNSET and (msg.result is not UNSET or msg.error is not UNSET):
             self._on_response(direction, msg, size, seen)
             return
         self.stats.not_jsonrpc += 1
 
-    def _on_request(self, direction: str, msg: dict[str, Any], method: str, size: int, seen: float) -> None:
-        rpc_id = msg["id"]
+    def _on_request(self, direction: str, msg: Message, method: str, size: int, seen: float) -> None:
+        rpc_id = msg.id
         if not _valid_id(rpc_id):
             self.stats.not_jsonrpc += 1
             return
         self.stats.requests += 1
         p = _Pending(direction, method, str(rpc_id), size, seen, self._wall0 + (seen - self._mono0))
-        params = msg.get("params")
-        if isinstance(params, dict):
+        params = msg.params
+        if isinstance(params, Params):
             if method in _NAMED_METHODS:
-                p.tool = _text(params.get("name"))
+                p.tool = _text(params.name)
             elif method in _URI_METHODS:
-                p.tool = _text(params.get("uri"))
+                p.tool = _text(params.uri)
             elif method == "initialize" and direction == C2S:
                 self._on_initialize_request(params, p)
-            meta = params.get("_meta")
-            if isinstance(meta, dict):
-                self._read_request_meta(meta, p)
+            if isinstance(params.meta, dict):
+                self._read_request_meta(params.meta, p)
         key = (direction, rpc_id)
         if key in self._pending:
             # The same id reused before its response: settle the older one as unanswered.
             self.stats.duplicate_ids += 1
             self._emit(self._pending.pop(key), None, None, "no_response", None, None)
+        orphan = self._orphans.pop(key, None) if self._orphans else None
+        if orphan is not None and orphan[0] >= seen:
+            # Its response was metered first (the other direction's thread won the race).
+            self._settle(p, orphan[2], orphan[1], orphan[0])
+            return
+        if orphan is not None:
+            self.stats.unmatched_responses += 1  # a stale response, older than this request
         self._pending[key] = p
 
-    def _on_initialize_request(self, params: dict[str, Any], p: _Pending) -> None:
-        info = params.get("clientInfo")
+    def _on_initialize_request(self, params: Params, p: _Pending) -> None:
+        info = params.clientInfo
         if isinstance(info, dict):
             self.peers.client_name = _text(info.get("name"))
             self.peers.client_version = _text(info.get("version"))
-        p.protocol_version = _text(params.get("protocolVersion"))
+        p.protocol_version = _text(params.protocolVersion)
 
     def _read_request_meta(self, meta: dict[str, Any], p: _Pending) -> None:
         p.request_id = request_id_of(meta)
@@ -310,43 +385,54 @@ class CallMeter:
             self.peers.client_name = p.client_name
             self.peers.client_version = p.client_version
 
-    def _on_cancelled(self, direction: str, msg: dict[str, Any]) -> None:
-        params = msg.get("params")
-        if not isinstance(params, dict):
+    def _on_cancelled(self, direction: str, msg: Message) -> None:
+        params = msg.params
+        if not isinstance(params, Params):
             return
-        rpc_id = params.get("requestId")
+        rpc_id = params.requestId
         if not _valid_id(rpc_id):
             return
         p = self._pending.pop((direction, rpc_id), None)
         if p is not None:
             self._emit(p, None, None, "cancelled", None, None)
 
-    def _on_response(self, direction: str, msg: dict[str, Any], size: int, seen: float) -> None:
+    def _on_response(self, direction: str, msg: Message, size: int, seen: float) -> None:
         self.stats.responses += 1
-        rpc_id = msg["id"]
-        p = self._pending.pop((_OPPOSITE[direction], rpc_id), None) if _valid_id(rpc_id) else None
-        if p is None:
+        rpc_id = msg.id
+        if not _valid_id(rpc_id):
             self.stats.unmatched_responses += 1
             return
+        key = (_OPPOSITE[direction], rpc_id)
+        p = self._pending.pop(key, None)
+        if p is None:
+            # Unknown id, or a response metered before its request (the two directions run
+            # in two threads): keep it briefly for the request to claim.
+            if len(self._orphans) >= _MAX_ORPHANS:
+                self._orphans.pop(next(iter(self._orphans)))
+                self.stats.unmatched_responses += 1
+            self._orphans[key] = (seen, size, msg)
+            return
+        self._settle(p, msg, size, seen)
+
+    def _settle(self, p: _Pending, msg: Message, size: int, seen: float) -> None:
         latency_ms = (seen - p.seen) * 1000.0
-        error = msg.get("error")
-        if error is not None:
+        error = msg.error
+        if error is not UNSET:
             code = message = None
-            if isinstance(error, dict):
-                raw_code = error.get("code")
-                code = raw_code if isinstance(raw_code, int) and not isinstance(raw_code, bool) else None
-                text = error.get("message")
+            if isinstance(error, Error):
+                code = error.code if _valid_code(error.code) else None
+                text = error.message
                 message = text[:_MAX_ERROR_MESSAGE] if isinstance(text, str) else None
             self._emit(p, latency_ms, size, "error", code, message)
             return
-        result = msg.get("result")
+        result = msg.result
         status = "ok"
-        if isinstance(result, dict):
-            if result.get("isError") is True:
+        if isinstance(result, Result):
+            if result.isError is True:
                 status = "tool_error"
             if p.method == "initialize":
                 self._on_initialize_result(result)
-            meta = result.get("_meta")
+            meta = result.meta
             if isinstance(meta, dict):
                 info = meta.get(_SERVER_INFO)
                 if isinstance(info, dict):
@@ -354,12 +440,12 @@ class CallMeter:
                     self.peers.server_version = _text(info.get("version"))
         self._emit(p, latency_ms, size, status, None, None)
 
-    def _on_initialize_result(self, result: dict[str, Any]) -> None:
-        info = result.get("serverInfo")
+    def _on_initialize_result(self, result: Result) -> None:
+        info = result.serverInfo
         if isinstance(info, dict):
             self.peers.server_name = _text(info.get("name")) or self.peers.server_name
             self.peers.server_version = _text(info.get("version"))
-        version = result.get("protocolVersion")
+        version = result.protocolVersion
         if isinstance(version, str):
             self.peers.protocol_version = version
 
@@ -374,31 +460,34 @@ class CallMeter:
     ) -> None:
         peers = self.peers
         self._sink(
-            CallRecord(
-                p.ts,
-                latency_ms,
-                self._project_id,
-                self._agent_id,
-                self._session_id,
-                self._tags,
-                peers.server_name or self._default_server,
-                self._transport,
-                self._upstream,
-                p.direction,
-                p.method,
-                p.tool,
-                p.jsonrpc_id,
-                p.request_id,
-                p.trace_id,
-                p.request_bytes,
-                response_bytes,
-                status,
-                error_code,
-                error_message,
-                None,
-                p.client_name or peers.client_name,
-                p.client_version or peers.client_version,
-                peers.server_version,
-                p.protocol_version or peers.protocol_version,
+            _new_record(
+                CallRecord,
+                (
+                    p.ts,
+                    latency_ms,
+                    self._project_id,
+                    self._agent_id,
+                    self._session_id,
+                    self._tags,
+                    peers.server_name or self._default_server,
+                    self._transport,
+                    self._upstream,
+                    p.direction,
+                    p.method,
+                    p.tool,
+                    p.jsonrpc_id,
+                    p.request_id,
+                    p.trace_id,
+                    p.request_bytes,
+                    response_bytes,
+                    status,
+                    error_code,
+                    error_message,
+                    None,
+                    p.client_name or peers.client_name,
+                    p.client_version or peers.client_version,
+                    peers.server_version,
+                    p.protocol_version or peers.protocol_version,
+                ),
             )
         )

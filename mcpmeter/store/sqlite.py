@@ -20,7 +20,7 @@ from mcpmeter.store.migrations import MIGRATIONS
 
 _INSERT = f"INSERT INTO calls ({', '.join(INSERT_COLUMNS)}) VALUES ({', '.join('?' for _ in INSERT_COLUMNS)})"
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM calls"
-_TS = INSERT_COLUMNS.index("ts")
+assert INSERT_COLUMNS[0] == "ts"
 
 BUSY_TIMEOUT_S = 10.0
 
@@ -131,6 +131,4 @@ class SQLiteStore:
 
 
 def _row(record: CallRecord) -> tuple[Any, ...]:
-    row = list(record)
-    row[_TS] = iso_utc(record.ts)
-    return tuple(row)
+    return (iso_utc(record[0]), *record[1:])
