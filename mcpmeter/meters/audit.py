@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from mcpmeter.store.base import Store
 
 DEFAULT_INTERVAL_S = 0.05
-DEFAULT_MAX_BATCH = 500
+DEFAULT_MAX_BATCH = 2000
 
 
 def spill_path_for(location: str) -> Path | None:
