@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,9 +44,26 @@ class CallFilter:
 
 
 class Store(Protocol):
-    """A place rows are written to (by one writer per process) and read from."""
+    """A place rows are written to (by one writer per process) and read from.
+
+    Query modules use :meth:`query`, :meth:`execute` and :meth:`transaction` with SQL that
+    both engines run (``?`` placeholders); ``dialect`` names the engine where they differ.
+    """
 
     location: str
+    dialect: str
+
+    def query(self, sql: str, params: Sequence[Any] = (), batch: int = 1000) -> Iterator[tuple[Any, ...]]:
+        """Rows of a read query, streamed."""
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None: ...
+
+    def transaction(self) -> AbstractContextManager[Store]:
+        """A write transaction: committed on success, rolled back on error."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int: ...
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int: ...
 
     def write_calls(self, records: Sequence[CallRecord]) -> None:
         """Insert ``records`` in one transaction, in order."""

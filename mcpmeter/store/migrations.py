@@ -59,4 +59,53 @@ MIGRATIONS: tuple[Migration, ...] = (
             "CREATE INDEX calls_request_id ON calls (request_id) WHERE request_id IS NOT NULL",
         ),
     ),
+    Migration(
+        2,
+        "0002_ledger_and_prices",
+        (
+            # The LLM side of the join: one row per LLM call, keyed by source + request_id.
+            """
+            CREATE TABLE llm_calls (
+                id INTEGER PRIMARY KEY,
+                ts TEXT NOT NULL,
+                agent_id TEXT,
+                project_id TEXT,
+                request_id TEXT NOT NULL,
+                model TEXT NOT NULL,
+                prompt_tokens INTEGER NOT NULL DEFAULT 0,
+                completion_tokens INTEGER NOT NULL DEFAULT 0,
+                cached_tokens INTEGER NOT NULL DEFAULT 0,
+                source TEXT NOT NULL DEFAULT 'manual',
+                tags TEXT NOT NULL DEFAULT '{}',
+                UNIQUE (source, request_id)
+            )
+            """,
+            "CREATE INDEX llm_calls_request_id ON llm_calls (request_id)",
+            "CREATE INDEX llm_calls_ts ON llm_calls (ts)",
+            "CREATE INDEX llm_calls_project_agent_ts ON llm_calls (project_id, agent_id, ts)",
+            # Dated prices: a row applies from effective_from until the next row of the same
+            # model (or tool pattern); history re-prices when a price is added, no row rewritten.
+            """
+            CREATE TABLE model_prices (
+                model TEXT NOT NULL,
+                effective_from TEXT NOT NULL,
+                input_per_mtok REAL NOT NULL,
+                output_per_mtok REAL NOT NULL,
+                cached_per_mtok REAL,
+                source TEXT NOT NULL DEFAULT 'manual',
+                PRIMARY KEY (model, effective_from)
+            )
+            """,
+            """
+            CREATE TABLE tool_prices (
+                pattern TEXT NOT NULL,
+                effective_from TEXT NOT NULL,
+                per_call REAL NOT NULL DEFAULT 0,
+                per_kb REAL NOT NULL DEFAULT 0,
+                source TEXT NOT NULL DEFAULT 'manual',
+                PRIMARY KEY (pattern, effective_from)
+            )
+            """,
+        ),
+    ),
 )

@@ -7,9 +7,10 @@ readers (``export``, ``tail``) never block them thanks to WAL.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,47 @@ class SQLiteStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
+
+    # -- generic access for the query modules (ledger, prices, report, tail) ------------------
+    #
+    # SQL is written with ``?`` placeholders in the subset both SQLite and Postgres run;
+    # the Postgres store translates placeholders. ``dialect`` names the engine for the few
+    # places that must differ.
+
+    dialect = "sqlite"
+
+    def query(self, sql: str, params: Sequence[Any] = (), batch: int = 1000) -> Iterator[tuple[Any, ...]]:
+        """Rows of a read query, streamed."""
+        cursor = self._db.execute(sql, params)
+        try:
+            while rows := cursor.fetchmany(batch):
+                yield from rows
+        finally:
+            cursor.close()
+
+    def query_one(self, sql: str, params: Sequence[Any] = ()) -> tuple[Any, ...] | None:
+        row = self._db.execute(sql, params).fetchone()
+        return None if row is None else tuple(row)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[SQLiteStore]:
+        """A write transaction (``BEGIN IMMEDIATE``): committed on success, rolled back on error."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> int:
+        """Run one statement (inside :meth:`transaction`, or on its own); the rows it changed."""
+        return self._db.execute(sql, params).rowcount
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int:
+        return self._db.executemany(sql, rows).rowcount
 
     # -- reading ---------------------------------------------------------------------------
 
