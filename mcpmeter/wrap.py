@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from mcpmeter.errors import MeterError
 from mcpmeter.log import verbose, warn
-from mcpmeter.meters.audit import AuditWriter, spill_path_for
+from mcpmeter.meters.audit import AuditWriter, Pricer, spill_path_for
 from mcpmeter.meters.calls import C2S, S2C, CallMeter
 from mcpmeter.relay import FdEndpoint, Pump, Tap
 from mcpmeter.tags import Tenant
@@ -61,7 +61,9 @@ def run_wrap(options: WrapOptions) -> int:
     # The relay's threads must not wait long for the GIL while the writer holds it.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     location = resolve_db(options.db)
-    writer = AuditWriter(_store_opener(location), spill_path=spill_path_for(location)).start()
+    writer = AuditWriter(
+        _store_opener(location), spill_path=spill_path_for(location), pricer=_tool_pricer
+    ).start()
     meter = CallMeter(
         options.tenant,
         writer.put,
@@ -103,6 +105,12 @@ def _store_opener(location: str) -> Callable[[], Store]:
         return open_store(location)
 
     return open_it
+
+
+def _tool_pricer(store: Store) -> Pricer:
+    from mcpmeter.prices import tool_pricer
+
+    return tool_pricer(store)
 
 
 def _relay(server: ServerProcess, meter: CallMeter, kill_after: float) -> int:

@@ -25,6 +25,9 @@ from mcpmeter.record import CallRecord
 if TYPE_CHECKING:
     from mcpmeter.store.base import Store
 
+#: Fills ``cost_usd`` on a batch of records (see :func:`mcpmeter.prices.tool_pricer`).
+Pricer = Callable[[Sequence[CallRecord]], Sequence[CallRecord]]
+
 DEFAULT_INTERVAL_S = 0.05
 DEFAULT_MAX_BATCH = 2000
 
@@ -46,8 +49,11 @@ class AuditWriter:
         spill_path: Path | None = None,
         interval: float = DEFAULT_INTERVAL_S,
         max_batch: int = DEFAULT_MAX_BATCH,
+        pricer: Callable[[Store], Pricer] | None = None,
     ) -> None:
         self._open_store = open_store
+        self._pricer_factory = pricer
+        self._price: Pricer | None = None
         self._spill_path = spill_path
         self._interval = interval
         self._max_batch = max_batch
@@ -110,12 +116,25 @@ class AuditWriter:
             except MeterError:
                 self._spill(batch)
                 return
+        batch = self._priced(self._store, batch)
         try:
             self._store.write_calls(batch)
             self.written += len(batch)
         except Exception as exc:
             warn_once("store-write", f"cannot write to store {self._store.location}: {exc}; spilling rows")
             self._spill(batch)
+
+    def _priced(self, store: Store, batch: Sequence[CallRecord]) -> Sequence[CallRecord]:
+        """Fill ``cost_usd`` from the tool prices in force (a pricing failure never costs a row)."""
+        if self._pricer_factory is None:
+            return batch
+        try:
+            if self._price is None:
+                self._price = self._pricer_factory(store)
+            return self._price(batch)
+        except Exception as exc:
+            warn_once("pricing", f"cannot price tool calls (rows written without cost_usd): {exc}")
+            return batch
 
     # -- spill -----------------------------------------------------------------------------
 
