@@ -353,6 +353,8 @@ def test_twenty_processes_writing_one_store_at_once_lose_no_row(db_path: Path) -
     for row in rows:
         per_worker.setdefault(row["session_id"], set()).add(row["jsonrpc_id"])
     assert per_worker == {f"worker-{w}": {str(i) for i in range(rows_each)} for w in range(workers)}
+    verified = subprocess.run([MCPMETER, "verify", "--db", str(db_path)], capture_output=True, timeout=60)
+    assert verified.returncode == 0, verified.stdout  # twenty writers, one intact chain
     spill = spill_path_for(str(db_path))
     assert spill is not None and not spill.exists()
     again = SQLiteStore(str(db_path))

@@ -9,6 +9,7 @@ the next writer that starts: no row is lost, and the relay never waits for the s
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections import deque
@@ -65,6 +66,7 @@ class AuditWriter:
         self.written = 0
         self.spilled = 0
         self.recovered = 0
+        self._needs_recovery = False
 
     def start(self) -> AuditWriter:
         self._thread.start()
@@ -123,6 +125,9 @@ class AuditWriter:
         except Exception as exc:
             warn_once("store-write", f"cannot write to store {self._store.location}: {exc}; spilling rows")
             self._spill(batch)
+            return
+        if self._needs_recovery:  # the store is back: load what this process spilled
+            self._recover_spill()
 
     def _priced(self, store: Store, batch: Sequence[CallRecord]) -> Sequence[CallRecord]:
         """Fill ``cost_usd`` from the tool prices in force (a pricing failure never costs a row)."""
@@ -152,27 +157,76 @@ class AuditWriter:
             finally:
                 os.close(fd)
             self.spilled += len(batch)
+            self._needs_recovery = True
         except OSError as exc:
             warn(f"lost {len(batch)} audit rows: cannot write spill file {self._spill_path}: {exc}")
 
     def _recover_spill(self) -> None:
-        """Load a spill file left by an earlier run; claim it by renaming so only one loads it."""
-        if self._spill_path is None or self._store is None or not self._spill_path.exists():
+        if self._spill_path is None or self._store is None:
             return
-        claimed = self._spill_path.with_name(f"{self._spill_path.name}.{os.getpid()}.loading")
         try:
-            os.rename(self._spill_path, claimed)
-        except OSError:
-            return  # another writer claimed it first
-        try:
-            records = [
-                CallRecord(*msgspec.json.decode(line))
-                for line in claimed.read_bytes().splitlines()
-                if line.strip()
-            ]
-            for start in range(0, len(records), self._max_batch):
-                self._store.write_calls(records[start : start + self._max_batch])
-            claimed.unlink()
-            self.recovered += len(records)
+            self.recovered += recover_spill(self._store, self._spill_path)
         except Exception as exc:
-            warn(f"cannot load spill file {claimed}: {exc}; it is left in place")
+            warn(f"cannot load spill files beside {self._store.location}: {exc}; they are left in place")
+        self._needs_recovery = False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim_spill_files(spill_path: Path) -> list[Path]:
+    """Rename every loadable spill file to a name this process owns.
+
+    The live spill file (``audit.db.spill.jsonl``) and files left half-loaded by a process
+    that died (``audit.db.spill.jsonl.<pid>.loading``) are claimed with an atomic rename, so
+    two processes never load the same file.
+    """
+    mine = os.getpid()
+    claimed: list[Path] = []
+    candidates = [spill_path, *sorted(spill_path.parent.glob(spill_path.name + ".*.loading"))]
+    for index, path in enumerate(candidates):
+        if path != spill_path:
+            owner = path.name[len(spill_path.name) + 1 : -len(".loading")]
+            if owner.isdigit() and (int(owner) == mine or _pid_alive(int(owner))):
+                continue
+        target = path.with_name(f"{spill_path.name}.{mine}-{index}.loading")
+        try:
+            os.rename(path, target)
+        except OSError:
+            continue  # absent, or another process claimed it first
+        claimed.append(target)
+    return claimed
+
+
+def recover_spill(store: Store, spill_path: Path) -> int:
+    """Load spill files back into ``store``, idempotently. Returns the rows added.
+
+    Each file's rows and its content hash are committed in one transaction, so a file that
+    was loaded but not removed (a crash in between) is recognised and not loaded twice. A
+    torn last line (a crash while spilling) is skipped with a warning.
+    """
+    added = 0
+    for path in _claim_spill_files(spill_path):
+        data = path.read_bytes()
+        records: list[CallRecord] = []
+        bad = 0
+        for line in data.splitlines():
+            if not line.strip():
+                continue
+            try:
+                records.append(CallRecord(*msgspec.json.decode(line)))
+            except (msgspec.DecodeError, TypeError):
+                bad += 1
+        if bad:
+            warn(f"{path}: skipped {bad} unreadable spill lines")
+        if store.load_spill(hashlib.sha256(data).hexdigest(), records):
+            added += len(records)
+        path.unlink()
+    return added

@@ -66,7 +66,10 @@ class Store(Protocol):
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int: ...
 
     def write_calls(self, records: Sequence[CallRecord]) -> None:
-        """Insert ``records`` in one transaction, in order."""
+        """Insert ``records`` in one transaction, in order, extending the hash chain."""
+
+    def load_spill(self, file_id: str, records: Sequence[CallRecord]) -> bool:
+        """Insert a spill file's records unless ``file_id`` was loaded before (one transaction)."""
 
     def iter_calls(self, where: CallFilter, batch: int = 1000) -> Iterator[tuple[Any, ...]]:
         """Rows matching ``where`` in id order, every column of ``record.COLUMNS``, streamed."""

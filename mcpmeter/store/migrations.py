@@ -108,4 +108,18 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        3,
+        "0003_spill_loads",
+        (
+            # Spill files already loaded back, by content hash: loading one twice adds nothing.
+            """
+            CREATE TABLE spill_loads (
+                file_id TEXT PRIMARY KEY,
+                rows INTEGER NOT NULL,
+                loaded_at TEXT NOT NULL
+            )
+            """,
+        ),
+    ),
 )

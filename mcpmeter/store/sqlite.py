@@ -14,14 +14,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mcpmeter.chain import CHAIN_COLUMNS, GENESIS, chain
 from mcpmeter.errors import StoreError
 from mcpmeter.record import COLUMNS, INSERT_COLUMNS, CallRecord, iso_utc
 from mcpmeter.store.base import CallFilter
 from mcpmeter.store.migrations import MIGRATIONS
 
-_INSERT = f"INSERT INTO calls ({', '.join(INSERT_COLUMNS)}) VALUES ({', '.join('?' for _ in INSERT_COLUMNS)})"
+_PLACEHOLDERS = ", ".join("?" for _ in INSERT_COLUMNS)
+_INSERT = f"INSERT INTO calls ({', '.join(INSERT_COLUMNS)}, hash) VALUES ({_PLACEHOLDERS}, ?)"
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM calls"
-assert INSERT_COLUMNS[0] == "ts"
+assert INSERT_COLUMNS[0] == "ts" and CHAIN_COLUMNS == INSERT_COLUMNS
 
 BUSY_TIMEOUT_S = 10.0
 
@@ -93,18 +95,35 @@ class SQLiteStore:
     # -- writing ---------------------------------------------------------------------------
 
     def write_calls(self, records: Sequence[CallRecord]) -> None:
+        """Insert ``records`` in order, extending the hash chain, in one write transaction."""
         if not records:
             return
+        with self.transaction():  # the write lock serialises the chain across processes
+            self._insert_calls(records)
+
+    def load_spill(self, file_id: str, records: Sequence[CallRecord]) -> bool:
+        """Insert a spill file's records unless a file with this id was loaded before.
+
+        The rows and the file's id are committed together, so loading the same spill file
+        twice (say after a crash between the commit and the file's removal) adds nothing.
+        Returns whether the rows were inserted.
+        """
+        with self.transaction():
+            seen = self._db.execute("SELECT 1 FROM spill_loads WHERE file_id = ?", (file_id,)).fetchone()
+            if seen:
+                return False
+            self._insert_calls(records)
+            self._db.execute(
+                "INSERT INTO spill_loads (file_id, rows, loaded_at) VALUES (?, ?, ?)",
+                (file_id, len(records), iso_utc(time.time())),
+            )
+            return True
+
+    def _insert_calls(self, records: Sequence[CallRecord]) -> None:
         rows = [_row(r) for r in records]
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(_INSERT, rows)
-            db.execute("COMMIT")
-        except BaseException:
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            raise
+        last = self._db.execute("SELECT hash FROM calls ORDER BY id DESC LIMIT 1").fetchone()
+        hashes = chain((last[0] or GENESIS) if last else GENESIS, rows)
+        self._db.executemany(_INSERT, [(*row, h) for row, h in zip(rows, hashes, strict=True)])
 
     # -- generic access for the query modules (ledger, prices, report, tail) ------------------
     #

@@ -1,0 +1,103 @@
+"""The tamper-evident chain over the audit log.
+
+Each row's ``hash`` is SHA-256 over the previous row's hash and the row's canonical fields:
+
+    hash(n) = sha256( hash(n-1) + "\\n" + canonical(row n) )     (hash(0) = "")
+
+where ``canonical`` is the compact JSON array of every column but ``id`` and ``hash``, in
+``record.COLUMNS`` order, with REAL columns as floats and INTEGER columns as integers (so a
+value reads back from any engine exactly as it was hashed). Rows are chained in ``id``
+order, per store.
+
+Concurrent writers: the chain is extended only inside the store's write lock (SQLite's
+``BEGIN IMMEDIATE``; an advisory transaction lock on Postgres), by reading the last row's
+hash and inserting the batch in the same transaction. So however many ``wrap`` processes
+write one store, there is one chain, in id order. Altering, deleting, inserting or
+reordering a row breaks the chain at that row (or the next), which ``mcpmeter verify``
+reports.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import msgspec
+
+from mcpmeter.record import COLUMNS
+
+#: The hashed columns, in order: every column but ``id`` and ``hash``.
+CHAIN_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("id", "hash"))
+_REAL = frozenset({"latency_ms", "cost_usd"})
+_INTEGER = frozenset({"request_bytes", "response_bytes", "error_code"})
+_KINDS = tuple(float if c in _REAL else int if c in _INTEGER else None for c in CHAIN_COLUMNS)
+GENESIS = ""
+_encode = msgspec.json.encode
+
+
+def canonical(fields: Sequence[Any]) -> bytes:
+    """The bytes hashed for one row (``fields`` in :data:`CHAIN_COLUMNS` order)."""
+    values = [
+        kind(value) if kind is not None and value is not None else value
+        for kind, value in zip(_KINDS, fields, strict=True)
+    ]
+    return _encode(values)
+
+
+def link(previous: str, fields: Sequence[Any]) -> str:
+    """The hash of a row whose predecessor's hash is ``previous``."""
+    digest = hashlib.sha256(previous.encode())
+    digest.update(b"\n")
+    digest.update(canonical(fields))
+    return digest.hexdigest()
+
+
+def chain(previous: str, rows: Iterable[Sequence[Any]]) -> list[str]:
+    """Hashes for ``rows`` appended after a row whose hash is ``previous``."""
+    hashes = []
+    for fields in rows:
+        previous = link(previous, fields)
+        hashes.append(previous)
+    return hashes
+
+
+class Break(NamedTuple):
+    """Where the chain breaks: the first row whose stored hash is not what it should be."""
+
+    id: int
+    reason: str
+
+
+class Verdict(NamedTuple):
+    rows: int
+    first_id: int | None
+    last_id: int | None
+    broken: Break | None
+
+
+def verify(rows: Iterable[Sequence[Any]], previous: str = GENESIS) -> Verdict:
+    """Walk ``(id, *CHAIN_COLUMNS, hash)`` rows in id order; stop at the first break.
+
+    Streaming: memory is constant whatever the number of rows.
+    """
+    count = 0
+    first_id = last_id = None
+    for row in rows:
+        row_id, fields, stored = row[0], row[1:-1], row[-1]
+        count += 1
+        if first_id is None:
+            first_id = row_id
+        last_id = row_id
+        if stored is None:
+            return Verdict(count, first_id, last_id, Break(row_id, "the row has no hash"))
+        expected = link(previous, fields)
+        if stored != expected:
+            reason = (
+                f"stored hash {stored[:12]}... is not {expected[:12]}... computed from its fields and "
+                "the previous row's hash: this row was altered, or the row before it was "
+                "deleted, inserted or altered"
+            )
+            return Verdict(count, first_id, last_id, Break(row_id, reason))
+        previous = stored
+    return Verdict(count, first_id, last_id, None)
