@@ -4,9 +4,10 @@ Each row's ``hash`` is SHA-256 over the previous row's hash and the row's canoni
 
     hash(n) = sha256( hash(n-1) + "\\n" + canonical(row n) )     (hash(0) = "")
 
-where ``canonical`` is the compact JSON array of every column but ``id`` and ``hash``, in
-``record.COLUMNS`` order, with REAL columns as floats and INTEGER columns as integers (so a
-value reads back from any engine exactly as it was hashed). Rows are chained in ``id``
+where ``canonical`` is the compact JSON array of every stored column but ``id`` and
+``hash`` (``record.INSERT_COLUMNS``: the documented columns in order, then ``args``), with
+REAL columns as floats and INTEGER columns as integers (so a value reads back from any
+engine exactly as it was hashed). Rows are chained in ``id``
 order, per store.
 
 Concurrent writers: the chain is extended only inside the store's write lock (SQLite's
@@ -25,10 +26,10 @@ from typing import Any, NamedTuple
 
 import msgspec
 
-from mcpmeter.record import COLUMNS
+from mcpmeter.record import INSERT_COLUMNS
 
-#: The hashed columns, in order: every column but ``id`` and ``hash``.
-CHAIN_COLUMNS: tuple[str, ...] = tuple(c for c in COLUMNS if c not in ("id", "hash"))
+#: The hashed columns, in order: every stored column but ``id`` and ``hash``.
+CHAIN_COLUMNS: tuple[str, ...] = INSERT_COLUMNS
 _REAL = frozenset({"latency_ms", "cost_usd"})
 _INTEGER = frozenset({"request_bytes", "response_bytes", "error_code"})
 _KINDS = tuple(float if c in _REAL else int if c in _INTEGER else None for c in CHAIN_COLUMNS)

@@ -72,9 +72,12 @@ class CallRecord(NamedTuple):
     client_version: str | None
     server_version: str | None
     protocol_version: str | None
+    #: A redacted copy of the arguments, with ``wrap --record-args`` only. Not exported.
+    args: str | None = None
 
 
-#: Columns the store inserts from a CallRecord (same order as the record's fields).
+#: Columns the store inserts from a CallRecord (same order as the record's fields): the
+#: documented columns but ``id`` and ``hash``, then ``args``.
 INSERT_COLUMNS: tuple[str, ...] = CallRecord._fields
 
 

@@ -44,6 +44,7 @@ class WrapOptions(NamedTuple):
     tenant: Tenant
     db: str | None = None
     kill_after: float = 5.0
+    record_args: bool = False
 
 
 def run_wrap(options: WrapOptions) -> int:
@@ -70,6 +71,7 @@ def run_wrap(options: WrapOptions) -> int:
         transport="stdio",
         upstream="stdio",
         default_server=os.path.basename(options.argv[0]),
+        record_args=options.record_args,
     )
     try:
         return _relay(server, meter, options.kill_after)

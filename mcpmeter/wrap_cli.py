@@ -50,6 +50,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="grace between a forwarded SIGTERM/SIGINT and SIGKILL (default 5)",
     )
+    add(
+        "--record-args",
+        action="store_true",
+        help="also store a redacted copy of tool arguments (secrets masked; off by default)",
+    )
     add("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]", help="the server command")
     return parser
 
@@ -71,4 +76,12 @@ def main(args: list[str]) -> int:
     tenant = resolve_tenant(
         project=options.project, agent=options.agent, session=options.session, tags=options.tag
     )
-    return run_wrap(WrapOptions(argv=cmd, tenant=tenant, db=options.db, kill_after=options.kill_after))
+    return run_wrap(
+        WrapOptions(
+            argv=cmd,
+            tenant=tenant,
+            db=options.db,
+            kill_after=options.kill_after,
+            record_args=options.record_args,
+        )
+    )

@@ -116,14 +116,14 @@ def test_a_new_store_records_every_migration_by_name_in_schema_version(db_path: 
     assert all(ISO_UTC_MICROS.match(at) for _, _, at in applied)
 
 
-def test_the_calls_table_has_the_documented_columns_in_order(db_path: Path) -> None:
+def test_the_calls_table_has_the_documented_columns_in_order_then_the_redacted_args(db_path: Path) -> None:
     SQLiteStore(str(db_path)).close()
     con = sqlite3.connect(db_path)
     try:
         columns = [row[1] for row in con.execute("PRAGMA table_info(calls)")]
     finally:
         con.close()
-    assert tuple(columns) == COLUMNS
+    assert tuple(columns) == (*COLUMNS, "args")
 
 
 def test_the_store_is_in_wal_mode(db_path: Path) -> None:
@@ -225,7 +225,7 @@ def test_rows_come_back_in_order_with_every_column_and_ts_as_iso_utc_with_micros
         "2023-11-14T22:13:22.000000Z",
     ]
     for row, rec in zip(rows, records, strict=True):
-        assert row[2:-1] == tuple(rec)[1:]
+        assert row[2:-1] == tuple(rec)[1:-1]  # every exported column but id and hash (not args)
 
 
 def test_a_timestamp_a_hair_below_a_second_rounds_up_into_the_next_second(store: SQLiteStore) -> None:
@@ -468,7 +468,7 @@ def test_rows_a_store_cannot_take_go_to_the_spill_file_and_the_next_writer_loads
         store.close()
     assert [row[13] for row in rows] == ["0", "1", "2", "3", "4", "later"]  # spilled rows first
     for row, rec in zip(rows, [*lost, later], strict=True):
-        assert row[2:-1] == tuple(rec)[1:]
+        assert row[2:-1] == tuple(rec)[1:-1]  # every exported column but id and hash (not args)
 
 
 def test_rows_written_while_another_process_holds_the_store_locked_are_spilled_not_lost(

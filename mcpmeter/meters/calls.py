@@ -33,10 +33,12 @@ from mcpmeter.meters.envelope import (
     Params,
     Result,
     ValidationError,
+    arguments_of,
     decode_batch,
     decode_message,
 )
 from mcpmeter.record import CallRecord
+from mcpmeter.redact import redacted_json
 from mcpmeter.tags import Tenant
 
 C2S = "c2s"
@@ -105,6 +107,7 @@ class FrameStats:
 
 class _Pending:
     __slots__ = (
+        "args",
         "client_name",
         "client_version",
         "direction",
@@ -134,6 +137,7 @@ class _Pending:
         self.client_name: str | None = None
         self.client_version: str | None = None
         self.protocol_version: str | None = None
+        self.args: str | None = None
 
 
 def frame_size(line: bytes | bytearray) -> int:
@@ -236,8 +240,12 @@ class CallMeter:
         default_server: str | None,
         wall_clock: Callable[[], float] = time.time,
         mono_clock: Callable[[], float] = time.perf_counter,
+        record_args: bool = False,
     ) -> None:
         self._sink = sink
+        #: ``wrap --record-args``: keep a redacted copy of tools/call and prompts/get arguments.
+        self._record_args = record_args
+        self._frame: bytes | bytearray = b""
         self._project_id = tenant.project_id
         self._agent_id = tenant.agent_id
         self._session_id = tenant.session_id
@@ -266,6 +274,8 @@ class CallMeter:
             size -= 1
         first = line[0] if size and line[0] not in _WHITESPACE else _first_byte(line)
         if first == 0x7B:  # "{"
+            if self._record_args:
+                self._frame = line
             try:
                 message = decode_message(line)
             except ValidationError:
@@ -289,6 +299,8 @@ class CallMeter:
                 except (DecodeError, ValidationError):
                     stats.not_jsonrpc += 1
                     continue
+                if self._record_args:
+                    self._frame = bytes(raw)
                 self._on_message(direction, member, len(raw), seen)
         elif first is None:
             stats.blank += 1
@@ -342,6 +354,8 @@ class CallMeter:
         if isinstance(params, Params):
             if method in _NAMED_METHODS:
                 p.tool = _text(params.name)
+                if self._record_args:
+                    p.args = redacted_json(arguments_of(self._frame))
             elif method in _URI_METHODS:
                 p.tool = _text(params.uri)
             elif method == "initialize" and direction == C2S:
@@ -488,6 +502,7 @@ class CallMeter:
                     p.client_version or peers.client_version,
                     peers.server_version,
                     p.protocol_version or peers.protocol_version,
+                    p.args,
                 ),
             )
         )

@@ -53,7 +53,25 @@ class Message(msgspec.Struct):
     error: Error | list[Any] | _Scalar | msgspec.UnsetType = UNSET
 
 
+class _ArgumentsParams(msgspec.Struct):
+    arguments: Any = None
+
+
+class _ArgumentsMessage(msgspec.Struct):
+    params: _ArgumentsParams | list[Any] | _Scalar = None
+
+
 decode_message = msgspec.json.Decoder(Message).decode
+#: Only for ``wrap --record-args``: a request's ``params.arguments``, decoded in full.
+_decode_arguments = msgspec.json.Decoder(_ArgumentsMessage).decode
+
+
+def arguments_of(frame: bytes | bytearray) -> Any:
+    """The ``params.arguments`` of a request frame (None if it has none)."""
+    params = _decode_arguments(frame).params
+    return params.arguments if isinstance(params, _ArgumentsParams) else None
+
+
 #: A batch: each member's exact bytes, decoded one by one (so each has a true size).
 decode_batch = msgspec.json.Decoder(list[msgspec.Raw]).decode
 DecodeError = msgspec.DecodeError

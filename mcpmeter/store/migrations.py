@@ -122,4 +122,12 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        4,
+        "0004_call_args",
+        (
+            # A redacted copy of the arguments, stored only with `wrap --record-args`.
+            "ALTER TABLE calls ADD COLUMN args TEXT",
+        ),
+    ),
 )
