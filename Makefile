@@ -5,7 +5,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench fuzz soak clean
+
+FUZZ_SECONDS ?= 60
+SOAK_SECONDS ?= 60
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +22,8 @@ run: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check mcpmeter tests examples benchmarks
-	$(BIN)/ruff format --check mcpmeter tests examples benchmarks
+	$(BIN)/ruff check mcpmeter tests examples benchmarks fuzz
+	$(BIN)/ruff format --check mcpmeter tests examples benchmarks fuzz
 	$(BIN)/mypy
 
 test: lint
@@ -28,6 +31,15 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/relay_bench.py
+
+# The frame parser under libFuzzer (atheris); new corpus entries go to .fuzz-corpus/.
+fuzz: $(STAMP)
+	mkdir -p .fuzz-corpus && cp fuzz/corpus/* .fuzz-corpus/
+	$(BIN)/python fuzz/frame_fuzz.py -max_total_time=$(FUZZ_SECONDS) .fuzz-corpus
+
+# Many wrappers, a million calls, random faults; not part of `make test`.
+soak: $(STAMP)
+	$(BIN)/python benchmarks/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

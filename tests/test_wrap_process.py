@@ -232,8 +232,8 @@ async def test_the_double_dash_may_be_left_out_when_the_command_does_not_start_w
 # -- signals -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-async def test_sigterm_and_sigint_sent_to_mcpmeter_reach_the_server_and_no_row_is_lost(
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+async def test_sigterm_sigint_and_sighup_sent_to_mcpmeter_reach_the_server_and_no_row_is_lost(
     sig: signal.Signals, meter_env: dict[str, str], db_path: Path, tmp_path: Path
 ) -> None:
     signals = tmp_path / "signals.txt"

@@ -281,14 +281,14 @@ class CallMeter:
             except ValidationError:
                 stats.not_jsonrpc += 1
                 return
-            except DecodeError:
+            except (DecodeError, UnicodeDecodeError):  # invalid UTF-8 is not JSON either
                 stats.not_json += 1
                 return
             self._on_message(direction, message, size, seen)
         elif first == 0x5B:  # "[": a JSON-RPC batch, each member metered with its own bytes
             try:
                 members = decode_batch(line)
-            except (DecodeError, ValidationError):
+            except (DecodeError, ValidationError, UnicodeDecodeError):
                 stats.not_json += 1
                 return
             if not members:
@@ -296,7 +296,7 @@ class CallMeter:
             for raw in members:
                 try:
                     member = decode_message(raw)
-                except (DecodeError, ValidationError):
+                except (DecodeError, ValidationError, UnicodeDecodeError):
                     stats.not_jsonrpc += 1
                     continue
                 if self._record_args:
@@ -308,7 +308,7 @@ class CallMeter:
             try:
                 decode_json(line)  # a JSON scalar is JSON, just not JSON-RPC
                 stats.not_jsonrpc += 1
-            except DecodeError:
+            except (DecodeError, UnicodeDecodeError):
                 stats.not_json += 1
         else:
             stats.not_json += 1
