@@ -69,7 +69,17 @@ class SQLiteStore:
             raise StoreError(f"store {self.location} cannot use WAL mode (journal_mode={mode})")
         db.execute("PRAGMA synchronous=NORMAL")
 
+    def _schema_is_current(self) -> bool:
+        """Whether every migration is applied (a plain read: readers never take the write lock)."""
+        try:
+            applied = {row[0] for row in self._db.execute("SELECT version FROM schema_version")}
+        except sqlite3.OperationalError:  # no schema_version yet
+            return False
+        return all(m.version in applied for m in MIGRATIONS)
+
     def _migrate(self) -> None:
+        if self._schema_is_current():
+            return
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
