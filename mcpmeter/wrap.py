@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mcpmeter.errors import MeterError
 from mcpmeter.log import verbose, warn
@@ -61,10 +61,7 @@ def run_wrap(options: WrapOptions) -> int:
 
     # The relay's threads must not wait long for the GIL while the writer holds it.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    location = resolve_db(options.db)
-    writer = AuditWriter(
-        _store_opener(location), spill_path=spill_path_for(location), pricer=_tool_pricer
-    ).start()
+    writer = start_audit_writer(options.db)
     meter = CallMeter(
         options.tenant,
         writer.put,
@@ -87,6 +84,17 @@ def run_wrap(options: WrapOptions) -> int:
                 f"{s.unmatched_responses} unmatched); {writer.written} rows written, "
                 f"{writer.spilled} spilled, {writer.recovered} recovered"
             )
+
+
+def start_audit_writer(db: str | None, **hooks: Any) -> AuditWriter:
+    """The audit writer for the store ``db`` names (or the default), started.
+
+    ``hooks`` are passed on to the AuditWriter.
+    """
+    location = resolve_db(db)
+    return AuditWriter(
+        _store_opener(location), spill_path=spill_path_for(location), pricer=_tool_pricer, **hooks
+    ).start()
 
 
 def resolve_db(db: str | None) -> str:

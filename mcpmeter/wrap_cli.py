@@ -9,13 +9,17 @@ first answer. This module imports nothing heavy until the options are known.
 from __future__ import annotations
 
 import argparse
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from mcpmeter.errors import UsageError
 
+if TYPE_CHECKING:
+    from mcpmeter.tags import Tenant
+
 DESCRIPTION = (
     "Run a stdio MCP server and relay its JSON-RPC frames unchanged, recording one audit row "
-    "per request. The -- may be left out when CMD does not start with -."
+    "per request. The -- may be left out when CMD does not start with -. With --url the "
+    "server is remote (streamable HTTP or HTTP+SSE); with --listen clients reach it over HTTP."
 )
 
 
@@ -27,7 +31,11 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="mcpmeter wrap",
-        usage="mcpmeter wrap [OPTIONS] -- CMD [ARGS...]",
+        usage=(
+            "mcpmeter wrap [OPTIONS] -- CMD [ARGS...]\n"
+            "       mcpmeter wrap [OPTIONS] --url URL\n"
+            "       mcpmeter wrap [OPTIONS] --listen HOST:PORT (-- CMD [ARGS...] | --url URL)"
+        ),
         description=DESCRIPTION,
         allow_abbrev=False,
     )
@@ -55,6 +63,48 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also store a redacted copy of tool arguments (secrets masked; off by default)",
     )
+    add("--url", help="a remote MCP server (streamable HTTP or HTTP+SSE) instead of CMD")
+    add(
+        "--transport",
+        choices=("auto", "streamable-http", "sse"),
+        default="auto",
+        help="how to reach --url: auto (default: streamable HTTP, HTTP+SSE on a 4xx), streamable-http, sse",
+    )
+    add(
+        "--header",
+        action="append",
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="an HTTP header for --url (repeatable); ${VAR} is replaced by the env var VAR",
+    )
+    add(
+        "--listen",
+        metavar="HOST:PORT",
+        help="serve clients over HTTP: streamable HTTP at /mcp, HTTP+SSE at /sse (host default 127.0.0.1)",
+    )
+    add(
+        "--shared-server",
+        action="store_true",
+        help="with --listen -- CMD: one server process for every session (ids rewritten), not one each",
+    )
+    add(
+        "--trust-tag-headers",
+        action="store_true",
+        help="with --listen: X-MCPMeter-Project/-Agent/-Session request headers override the tags",
+    )
+    add(
+        "--auth-token",
+        metavar="TOKEN",
+        help="with --listen: require Authorization: Bearer TOKEN (needed off loopback); "
+        "env MCPMETER_AUTH_TOKEN",
+    )
+    add(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="with --listen: a browser Origin to accept besides localhost (repeatable)",
+    )
     add("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]", help="the server command")
     return parser
 
@@ -65,21 +115,91 @@ def main(args: list[str]) -> int:
     cmd: list[str] = list(options.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
-    if not cmd:
-        raise UsageError("wrap needs a server command: mcpmeter wrap [OPTIONS] -- CMD [ARGS...]")
-    if options.kill_after < 0:
-        raise UsageError("wrap: --kill-after must be zero or more seconds")
+    _check(options, cmd)
 
     from mcpmeter.tags import resolve_tenant
-    from mcpmeter.wrap import WrapOptions, run_wrap
 
     tenant = resolve_tenant(
         project=options.project, agent=options.agent, session=options.session, tags=options.tag
     )
+    if options.listen is not None:
+        return _listen(options, cmd, tenant)
+    if options.url is not None:
+        from mcpmeter.transports.http_client import UrlOptions, parse_headers, run_url
+
+        headers = parse_headers(options.header)
+        return run_url(
+            UrlOptions(
+                url=options.url,
+                tenant=tenant,
+                transport=options.transport,
+                headers=headers,
+                db=options.db,
+                record_args=options.record_args,
+            )
+        )
+
+    from mcpmeter.wrap import WrapOptions, run_wrap
+
     return run_wrap(
         WrapOptions(
             argv=cmd,
             tenant=tenant,
+            db=options.db,
+            kill_after=options.kill_after,
+            record_args=options.record_args,
+        )
+    )
+
+
+def _check(options: argparse.Namespace, cmd: list[str]) -> None:
+    if options.kill_after < 0:
+        raise UsageError("wrap: --kill-after must be zero or more seconds")
+    if options.url is not None and cmd:
+        raise UsageError("wrap: give either --url or a server command, not both")
+    if options.url is not None and not options.url.lower().startswith(("http://", "https://")):
+        raise UsageError(f"wrap: --url must be an http:// or https:// URL, got {options.url!r}")
+    if not cmd and options.url is None:
+        raise UsageError(
+            "wrap needs a server command: mcpmeter wrap [OPTIONS] -- CMD [ARGS...] (or --url URL)"
+        )
+    if options.url is None and (options.header or options.transport != "auto"):
+        raise UsageError("wrap: --header and --transport go with --url")
+    if options.listen is None:
+        listen_only = {
+            "--shared-server": options.shared_server,
+            "--trust-tag-headers": options.trust_tag_headers,
+            "--auth-token": options.auth_token is not None,
+            "--allow-origin": bool(options.allow_origin),
+        }
+        given = [name for name, value in listen_only.items() if value]
+        if given:
+            raise UsageError(f"wrap: {given[0]} goes with --listen")
+    if options.shared_server and options.url is not None:
+        raise UsageError("wrap: --shared-server goes with a server command, not --url")
+
+
+def _listen(options: argparse.Namespace, cmd: list[str], tenant: Tenant) -> int:
+    import os
+
+    from mcpmeter.transports.http_client import parse_headers
+    from mcpmeter.transports.http_server import ListenOptions, parse_listen, run_listen
+
+    host, port = parse_listen(options.listen)
+    return run_listen(
+        ListenOptions(
+            host=host,
+            port=port,
+            tenant=tenant,
+            fixed_session=bool(options.session or os.environ.get("MCPMETER_SESSION_ID")),
+            argv=cmd or None,
+            url=options.url,
+            transport=options.transport,
+            headers=parse_headers(options.header),
+            shared_server=options.shared_server,
+            trust_tag_headers=options.trust_tag_headers,
+            auth_token=options.auth_token or os.environ.get("MCPMETER_AUTH_TOKEN") or None,
+            allow_origins=tuple(options.allow_origin),
             db=options.db,
             kill_after=options.kill_after,
             record_args=options.record_args,

@@ -1,0 +1,945 @@
+"""mcpmeter as an HTTP server: ``wrap --listen HOST:PORT (-- CMD | --url URL)``.
+
+Clients reach the wrapped server over HTTP, as many at once as they like:
+
+* ``/mcp``: streamable HTTP. A POST without ``Mcp-Session-Id`` carrying ``initialize``
+  opens a session; its answer carries the session's id, and later requests name it. GET
+  opens the session's stream for messages the server starts; DELETE ends the session.
+  A POST whose ``MCP-Protocol-Version`` is outside the handshake era (2026-07-28) needs no
+  session: its ``Mcp-Method`` and ``Mcp-Name`` headers must agree with its body (400 and
+  a -32020 error otherwise).
+* ``/sse`` + ``/messages?session_id=...``: the HTTP+SSE transport (2024-11-05). GET
+  ``/sse`` opens a session and its event stream, whose first event announces where to
+  POST; every answer comes on the stream.
+
+Each handshake-era session has an upstream of its own: a server subprocess (``-- CMD``,
+the default), a share of one subprocess (``--shared-server``, ids rewritten by
+:mod:`mcpmeter.transports.mux`), or its own session with the remote server (``--url``).
+2026-07-28 requests, which carry no session, share one upstream (ids rewritten): a
+subprocess that served the handshake era refuses them, so they get one of their own.
+
+A request's answer goes back on its POST: a JSON body, or an event stream when the server
+sends something for that request first (its progress, a question for the client). What the
+server starts itself goes to the session's GET stream when one is open, else to the POST
+of the newest request still waiting (switched to an event stream), else waits for a GET
+stream. Every frame either way is metered by the session's :class:`CallMeter` (one per
+session, all sharing one audit writer); ``X-Request-Id`` becomes the join key of the
+requests it came with, when their ``_meta`` has none.
+
+Only loopback addresses are served without ``--auth-token`` (``Authorization: Bearer``,
+compared in constant time). ``Origin`` is checked on every request (DNS rebinding): absent,
+a localhost origin, or one given with ``--allow-origin``; anything else gets 403.
+
+SIGTERM or SIGINT: new requests get 503, the requests in flight get up to 5 s to be
+answered, every stream ends, every session is closed (subprocesses get stdin EOF, then
+SIGTERM, then SIGKILL; remote sessions get their DELETE), and every row is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import ipaddress
+import math
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
+
+import anyio
+import httpx
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from mcpmeter.errors import MeterError, UsageError
+from mcpmeter.log import verbose, warn, warn_once
+from mcpmeter.meters.audit import AuditWriter
+from mcpmeter.meters.calls import C2S, S2C, CallMeter
+from mcpmeter.record import CallRecord
+from mcpmeter.tags import Tenant, new_session_id
+from mcpmeter.transports.child import ChildServer
+from mcpmeter.transports.http_client import HttpUpstream, new_client
+from mcpmeter.transports.mux import Mux
+from mcpmeter.transports.rpc import (
+    HEADER_MISMATCH,
+    NAME_PARAMS,
+    REQUEST,
+    RESPONSE,
+    UPSTREAM_ERROR,
+    Head,
+    cancelled_frame,
+    decode_header_value,
+    encode_id,
+    error_frame,
+    heads,
+    id_key,
+    is_batch,
+    is_modern,
+)
+from mcpmeter.transports.sse import encode_event
+from mcpmeter.transports.upstream import Deliver, Upstream, UpstreamError, meter_frame
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+IdKey = tuple[str, object]
+
+#: After SIGTERM, how long requests in flight may take to be answered.
+DRAIN_S = 5.0
+#: A streamable-HTTP session with nothing in flight and no stream open for this long is closed.
+SESSION_IDLE_S = 30 * 60.0
+#: Messages the server starts, kept for a GET stream that is not open yet.
+BACKLOG = 1024
+#: Events queued for one SSE stream before the server's output waits for the client.
+STREAM_BUFFER = 1024
+SWITCH_INTERVAL_S = 0.0002
+
+#: The HTTP status of a 2026-07-28 answer that is a JSON-RPC error with this code.
+_ERROR_STATUS = {-32700: 400, -32600: 400, -32602: 400, -32601: 404, -32020: 400, -32021: 400, -32022: 400}
+_ROUTING_HEADERS = (b"mcp-protocol-version", b"mcp-method", b"mcp-name")
+_LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+class ListenOptions(NamedTuple):
+    host: str
+    port: int
+    tenant: Tenant
+    #: The session id was given (``--session`` / ``MCPMETER_SESSION_ID``): every session uses it.
+    fixed_session: bool = False
+    argv: list[str] | None = None
+    url: str | None = None
+    transport: str = "auto"
+    headers: Mapping[str, str] = {}
+    shared_server: bool = False
+    trust_tag_headers: bool = False
+    auth_token: str | None = None
+    allow_origins: tuple[str, ...] = ()
+    db: str | None = None
+    kill_after: float = 5.0
+    record_args: bool = False
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[::1]:PORT`` or ``PORT`` (on 127.0.0.1)."""
+    host, colon, port = value.rpartition(":")
+    if not colon:
+        host, port = "127.0.0.1", value
+    host = host.strip("[]") or "127.0.0.1"
+    if not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"wrap: --listen expects HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
+    """No ``Origin`` (not a browser), a localhost origin, or one listed in ``allowed``."""
+    if origin is None:
+        return True
+    origin = origin.strip().rstrip("/").lower()
+    if origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    try:
+        host = parts.hostname
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and host in _LOCAL_HOSTS
+
+
+# -- ASGI plumbing ----------------------------------------------------------------------------
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body was read."""
+
+
+async def read_body(receive: Receive) -> bytes:
+    """The whole request body, however large (no size cap)."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def respond(
+    send: Send,
+    status: int,
+    body: bytes = b"",
+    content_type: bytes = b"application/json",
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    head = [(b"content-type", content_type), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": head + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _error_body(message: str, code: int = -32600, raw_id: bytes = b"null") -> bytes:
+    return error_frame(raw_id, message, code)
+
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache, no-transform"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+class EventStream:
+    """One open SSE response: frames pushed in, events written out, until either side ends."""
+
+    def __init__(self) -> None:
+        self._send: MemoryObjectSendStream[bytes]
+        self._receive: MemoryObjectReceiveStream[bytes]
+        self._send, self._receive = anyio.create_memory_object_stream[bytes](STREAM_BUFFER)
+
+    async def push(self, frame: bytes) -> bool:
+        """Queue ``frame`` as a ``message`` event; False once the stream has ended."""
+        try:
+            await self._send.send(encode_event(frame, "message"))
+            return True
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            return False
+
+    def close(self) -> None:
+        self._send.close()
+
+    async def serve(
+        self, receive: Receive, send: Send, *, first: list[bytes], headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS + headers})
+        for event in first:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
+            async with self._receive:
+                async for event in self._receive:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+            tg.cancel_scope.cancel()
+        self._send.close()
+        with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+# -- sessions ---------------------------------------------------------------------------------
+
+
+class Waiter:
+    """A POST waiting for the answers to its requests (and anything sent its way first)."""
+
+    def __init__(self, requests: list[Head]) -> None:
+        self.requests = requests
+        self.pending: set[IdKey] = {id_key(h.id) for h in requests}
+        self.tokens: set[IdKey] = {id_key(h.progress_token) for h in requests if h.progress_token is not None}
+        self._send, self._receive = anyio.create_memory_object_stream[tuple[bytes, bool] | str](math.inf)
+
+    def put(self, frame: bytes, answered: list[IdKey]) -> None:
+        for key in answered:
+            self.pending.discard(key)
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait((frame, not self.pending))
+
+    def fail(self, reason: str) -> None:
+        """No more answers will come, for ``reason``."""
+        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
+            self._send.send_nowait(reason)
+
+    async def next(self) -> tuple[bytes, bool] | str:
+        return await self._receive.receive()
+
+    def close(self) -> None:
+        self._send.close()
+        self._receive.close()
+
+
+class Session:
+    """One client session: its tags, its meter, its upstream and who waits for what."""
+
+    def __init__(self, gateway: Gateway, sid: str, tenant: Tenant, transport: str, *, modern: bool) -> None:
+        self.id = sid
+        self.tenant = tenant
+        self.modern = modern
+        self.transport = transport
+        self.gateway = gateway
+        self.upstream: Upstream | None = None
+        self.meter = CallMeter(
+            tenant,
+            self._sink,
+            transport=transport,
+            upstream=gateway.upstream_kind,
+            default_server=gateway.server_name,
+            record_args=gateway.options.record_args,
+        )
+        self.hints: dict[str, str] = {}  # jsonrpc_id -> X-Request-Id
+        self.waiters: dict[IdKey, Waiter] = {}
+        self.get_stream: EventStream | None = None
+        self.legacy_stream: EventStream | None = None
+        self.backlog: deque[bytes] = deque(maxlen=BACKLOG)
+        self.busy = 0
+        self.last_used = time.monotonic()
+        self.closed = False
+
+    def _sink(self, record: CallRecord) -> None:
+        if self.hints and record.direction == C2S:
+            hint = self.hints.pop(record.jsonrpc_id, None)
+            if hint is not None and record.request_id is None:
+                record = record._replace(request_id=hint)
+        upstream = self.upstream
+        if upstream is not None and record.upstream != upstream.kind:
+            record = record._replace(upstream=upstream.kind)
+        self.gateway.writer.put(record)
+
+    async def start(self) -> None:
+        self.upstream = await self.gateway.open_upstream(self.on_upstream_frame, modern=self.modern)
+        self.gateway.tg.start_soon(self._watch_upstream, self.upstream)
+
+    async def _watch_upstream(self, upstream: Upstream) -> None:
+        await upstream.closed.wait()
+        await self.gateway.close_session(self)
+
+    def meter_c2s(self, frame: bytes, seen: float) -> None:
+        meter_frame(self.meter, C2S, frame, seen)
+
+    async def on_upstream_frame(self, frame: bytes, seen: float) -> None:
+        meter_frame(self.meter, S2C, frame, seen)
+        self.last_used = time.monotonic()
+        if self.legacy_stream is not None:
+            await self.legacy_stream.push(frame)
+            return
+        hs = heads(frame)
+        if hs and all(h.kind == RESPONSE for h in hs):
+            keys = [id_key(h.id) for h in hs]
+            waiter = next((self.waiters[k] for k in keys if k in self.waiters), None)
+            for key in keys:
+                self.waiters.pop(key, None)
+            if waiter is not None:
+                waiter.put(frame, keys)
+            return  # else its client went away; the row is written all the same
+        target: Waiter | None = None
+        for head in hs:
+            if head.method == "notifications/progress" and head.progress_token is not None:
+                token = id_key(head.progress_token)
+                target = next((w for w in reversed(self.waiters.values()) if token in w.tokens), None)
+        if target is None and self.get_stream is not None and await self.get_stream.push(frame):
+            return
+        if target is None and self.waiters:
+            target = next(reversed(self.waiters.values()))
+        if target is not None:
+            target.put(frame, [])
+        elif not self.modern:
+            self.backlog.append(frame)
+
+    def wait_for(self, requests: list[Head]) -> Waiter:
+        waiter = Waiter(requests)
+        for key in waiter.pending:
+            self.waiters[key] = waiter
+        return waiter
+
+    def forget(self, waiter: Waiter) -> None:
+        for key in waiter.pending:
+            if self.waiters.get(key) is waiter:
+                del self.waiters[key]
+        waiter.close()
+
+    async def close(self, reason: str = "the server has exited") -> None:
+        """Answer whoever still waits, write the last rows, then end the upstream session."""
+        if self.closed:
+            return
+        self.closed = True
+        for waiter in set(self.waiters.values()):
+            waiter.fail(reason)
+        self.waiters.clear()
+        for stream in (self.get_stream, self.legacy_stream):
+            if stream is not None:
+                stream.close()
+        with self.meter.lock:
+            self.meter.close()
+        if self.upstream is not None:
+            await self.upstream.aclose()
+
+
+# -- the application --------------------------------------------------------------------------
+
+
+class Gateway:
+    """The ASGI application behind ``--listen``."""
+
+    def __init__(self, options: ListenOptions, writer: AuditWriter, tg: TaskGroup) -> None:
+        self.options = options
+        self.writer = writer
+        self.tg = tg
+        self.sessions: dict[str, Session] = {}  # Mcp-Session-Id or /sse session_id -> session
+        self.modern_sessions: dict[tuple[str | None, str | None, str], Session] = {}
+        self.stateless_session = options.tenant.session_id if options.fixed_session else new_session_id()
+        self.draining = False
+        self.inflight = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+        self.client: httpx.AsyncClient | None = None
+        if options.argv is not None:
+            self.server_name: str | None = os.path.basename(options.argv[0])
+            self.upstream_kind = "stdio"
+        else:
+            assert options.url is not None
+            self.server_name = urlsplit(options.url).hostname or options.url
+            self.upstream_kind = "sse" if options.transport == "sse" else "http"
+        shared_kind = self.upstream_kind
+        self._handshake_mux = Mux(self._open_direct, tg, kind=shared_kind) if options.shared_server else None
+        self._modern_mux = Mux(self._open_direct, tg, kind=shared_kind)
+        self._token = options.auth_token.encode() if options.auth_token else None
+        self._origins = tuple(o.strip().rstrip("/").lower() for o in options.allow_origins)
+
+    # -- upstreams -------------------------------------------------------------------------
+
+    async def _open_direct(self, deliver: Deliver) -> Upstream:
+        options = self.options
+        if options.argv is not None:
+            child = ChildServer(options.argv, deliver, kill_after=options.kill_after)
+            await child.start(self.tg)
+            return child
+        assert options.url is not None and self.client is not None
+        remote = HttpUpstream(
+            options.url,
+            deliver,
+            client=self.client,
+            tg=self.tg,
+            mode=options.transport,
+            headers=options.headers,
+        )
+        await remote.start()
+        return remote
+
+    async def open_upstream(self, deliver: Deliver, *, modern: bool) -> Upstream:
+        if modern:
+            return await self._modern_mux.channel(deliver)
+        if self._handshake_mux is not None:
+            return await self._handshake_mux.channel(deliver)
+        return await self._open_direct(deliver)
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def tenant_for(self, headers: Mapping[str, str], default_session: str) -> Tenant:
+        base = self.options.tenant
+        project, agent = base.project_id, base.agent_id
+        session = base.session_id if self.options.fixed_session else default_session
+        if self.options.trust_tag_headers:
+            project = headers.get("x-mcpmeter-project") or project
+            agent = headers.get("x-mcpmeter-agent") or agent
+            session = headers.get("x-mcpmeter-session") or session
+        return Tenant(project_id=project, agent_id=agent, session_id=session, tags=base.tags)
+
+    async def new_session(
+        self, headers: Mapping[str, str], transport: str, *, legacy: bool = False
+    ) -> Session:
+        sid = new_session_id()
+        session = Session(self, sid, self.tenant_for(headers, sid), transport, modern=False)
+        if legacy:
+            session.legacy_stream = EventStream()
+        await session.start()
+        self.sessions[sid] = session
+        return session
+
+    async def modern_session(self, headers: Mapping[str, str]) -> Session:
+        tenant = self.tenant_for(headers, self.stateless_session)
+        key = (tenant.project_id, tenant.agent_id, tenant.session_id)
+        session = self.modern_sessions.get(key)
+        if session is None or session.closed:
+            session = Session(self, tenant.session_id, tenant, "http", modern=True)
+            self.modern_sessions[key] = session
+            await session.start()
+        return session
+
+    async def close_session(self, session: Session, reason: str = "the server has exited") -> None:
+        if self.sessions.get(session.id) is session:
+            del self.sessions[session.id]
+        for key, value in list(self.modern_sessions.items()):
+            if value is session:
+                del self.modern_sessions[key]
+        await session.close(reason)
+
+    async def reap_idle(self) -> None:
+        while True:
+            await anyio.sleep(60)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if session.busy == 0 and now - session.last_used > SESSION_IDLE_S:
+                    self.tg.start_soon(self.close_session, session)
+
+    def _begin(self) -> None:
+        self.inflight += 1
+        self._idle = anyio.Event()
+
+    def _end(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+
+    async def drain(self) -> None:
+        """Refuse new requests; wait until none is in flight (the caller bounds the wait)."""
+        self.draining = True
+        await self._idle.wait()
+
+    async def close_all(self) -> None:
+        """Close every session at once (each answers its waiting POSTs first)."""
+        sessions = list(self.sessions.values()) + list(self.modern_sessions.values())
+        async with anyio.create_task_group() as tg:
+            for session in sessions:
+                tg.start_soon(self.close_session, session, "mcpmeter is shutting down")
+            for mux in (self._handshake_mux, self._modern_mux):
+                if mux is not None:
+                    tg.start_soon(mux.aclose)
+
+    # -- ASGI ------------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        raw_headers: list[tuple[bytes, bytes]] = scope["headers"]
+        headers: dict[str, str] = {}
+        for name, value in raw_headers:
+            headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
+        if not origin_allowed(headers.get("origin"), self._origins):
+            await respond(send, 403, b"Forbidden: Origin not allowed", b"text/plain")
+            return
+        if self._token is not None and not self._authorized(headers.get("authorization")):
+            await respond(send, 401, b"Unauthorized", b"text/plain", [(b"www-authenticate", b"Bearer")])
+            return
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if self.draining and method != "POST":
+            await _shutting_down(send)
+            return
+        try:
+            if path == "/mcp":
+                if method == "POST":
+                    await self._post_mcp(raw_headers, headers, receive, send)
+                elif method == "GET":
+                    await self._get_mcp(headers, receive, send)
+                elif method == "DELETE":
+                    await self._delete_mcp(headers, send)
+                else:
+                    await respond(
+                        send, 405, b"Method Not Allowed", b"text/plain", [(b"allow", b"GET, POST, DELETE")]
+                    )
+            elif path == "/sse" and method == "GET":
+                await self._get_sse(headers, receive, send)
+            elif path in ("/messages", "/messages/") and method == "POST":
+                await self._post_messages(scope, headers, receive, send)
+            else:
+                await respond(send, 404, b"Not Found", b"text/plain")
+        except ClientGone:
+            return
+
+    def _authorized(self, value: str | None) -> bool:
+        assert self._token is not None
+        scheme, _, token = (value or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self._token)
+
+    async def _post_mcp(
+        self, raw_headers: list[tuple[bytes, bytes]], headers: dict[str, str], receive: Receive, send: Send
+    ) -> None:
+        body = await read_body(receive)
+        seen = time.perf_counter()
+        hs = heads(body)
+        if self.draining and (any(h.kind == REQUEST for h in hs) or not hs):
+            await _shutting_down(send)  # answers for the calls in flight are still welcome
+            return
+        if is_modern(headers.get("mcp-protocol-version")):
+            await self._post_modern(raw_headers, headers, body, seen, receive, send)
+            return
+        sid = headers.get("mcp-session-id")
+        extra: list[tuple[bytes, bytes]] = []
+        if sid is None:
+            if not any(h.kind == REQUEST and h.method == "initialize" for h in hs):
+                message = "Bad Request: no Mcp-Session-Id; a session starts with initialize"
+                await respond(send, 400, _error_body(message))
+                return
+            try:
+                session = await self.new_session(headers, "http")
+            except UpstreamError as exc:
+                warn_once(f"start:{exc}", str(exc))
+                await respond(send, 502, self._errors(hs, str(exc)))
+                return
+            extra = [(b"mcp-session-id", session.id.encode())]
+        else:
+            found = self.sessions.get(sid)
+            if found is None or found.legacy_stream is not None:
+                await respond(send, 404, _error_body("Session not found"))
+                return
+            session = found
+        await self._exchange(session, body, hs, seen, headers, receive, send, extra)
+
+    async def _post_modern(
+        self,
+        raw_headers: list[tuple[bytes, bytes]],
+        headers: dict[str, str],
+        body: bytes,
+        seen: float,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        hs = heads(body)
+        if len(hs) != 1 or is_batch(body):
+            await respond(send, 400, _error_body("Invalid Request: one JSON-RPC message per POST"))
+            return
+        head = hs[0]
+        problem = _header_mismatch(raw_headers, headers, head)
+        if problem is not None:
+            raw_id = encode_id(head.id) if head.kind == REQUEST else b"null"
+            await respond(send, 400, _error_body(problem, HEADER_MISMATCH, raw_id))
+            return
+        try:
+            session = await self.modern_session(headers)
+        except UpstreamError as exc:
+            warn_once(f"start:{exc}", str(exc))
+            await respond(send, 502, self._errors(hs, str(exc)))
+            return
+        await self._exchange(session, body, hs, seen, headers, receive, send, [])
+
+    async def _exchange(
+        self,
+        session: Session,
+        body: bytes,
+        hs: list[Head],
+        seen: float,
+        headers: Mapping[str, str],
+        receive: Receive,
+        send: Send,
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        """Forward one POST's body; answer with what comes back for its requests."""
+        upstream = session.upstream
+        assert upstream is not None
+        requests = [h for h in hs if h.kind == REQUEST]
+        hint = headers.get("x-request-id")
+        if hint:
+            for head in requests:
+                session.hints[str(head.id)] = hint
+        waiter = session.wait_for(requests) if requests else None
+        session.busy += 1
+        self._begin()
+        try:
+            session.meter_c2s(body, seen)
+            try:
+                await upstream.send(body)
+            except UpstreamError as exc:
+                await respond(send, 502, self._errors(hs, str(exc)), headers=extra)
+                return
+            if waiter is None:
+                await respond(send, 202, b"", headers=extra)
+                return
+            await self._answer(session, waiter, receive, send, extra)
+        finally:
+            if waiter is not None:
+                session.forget(waiter)
+            session.busy -= 1
+            session.last_used = time.monotonic()
+            self._end()
+
+    async def _answer(
+        self, session: Session, waiter: Waiter, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]]
+    ) -> None:
+        streaming = False
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_watch_disconnect, receive, scope)
+                while True:
+                    item = await waiter.next()
+                    if isinstance(item, str):  # no answer will come
+                        failure = self._errors(waiter.requests, item, waiter.pending)
+                        if streaming:
+                            await send(
+                                {"type": "http.response.body", "body": encode_event(failure, "message")}
+                            )
+                        else:
+                            await respond(send, 502, failure, headers=extra)
+                        break
+                    frame, complete = item
+                    if complete and not streaming:
+                        await respond(send, self._status(session, frame), frame, headers=extra)
+                        break
+                    if not streaming:
+                        streaming = True
+                        start = {
+                            "type": "http.response.start",
+                            "status": 200,
+                            "headers": _SSE_HEADERS + extra,
+                        }
+                        await send(start)
+                    event = encode_event(frame, "message")
+                    await send({"type": "http.response.body", "body": event, "more_body": not complete})
+                    if complete:
+                        break
+                tg.cancel_scope.cancel()
+        if scope.cancelled_caught and session.modern and waiter.pending:
+            # 2026-07-28: a closed response stream is the request's cancellation.
+            await self._cancel(session, waiter)
+
+    async def _cancel(self, session: Session, waiter: Waiter) -> None:
+        upstream = session.upstream
+        for head in waiter.requests:
+            if id_key(head.id) in waiter.pending and upstream is not None:
+                frame = cancelled_frame(encode_id(head.id), "the client closed the request")
+                session.meter_c2s(frame, time.perf_counter())
+                with contextlib.suppress(UpstreamError):
+                    await upstream.send(frame)
+
+    def _status(self, session: Session, frame: bytes) -> int:
+        if not session.modern:
+            return 200
+        hs = heads(frame)
+        code = hs[0].error_code if len(hs) == 1 else None
+        return _ERROR_STATUS.get(code, 200) if code is not None else 200
+
+    @staticmethod
+    def _errors(hs: list[Head], reason: str, only: set[IdKey] | None = None) -> bytes:
+        """Error answers of mcpmeter's own for the requests in ``hs`` (not metered)."""
+        frames = [
+            error_frame(encode_id(h.id), f"mcpmeter: {reason}", UPSTREAM_ERROR)
+            for h in hs
+            if h.kind == REQUEST and (only is None or id_key(h.id) in only)
+        ]
+        if not frames:
+            return _error_body(f"mcpmeter: {reason}", UPSTREAM_ERROR)
+        return frames[0] if len(frames) == 1 else b"[" + b",".join(frames) + b"]"
+
+    async def _get_mcp(self, headers: dict[str, str], receive: Receive, send: Send) -> None:
+        if is_modern(headers.get("mcp-protocol-version")):
+            await respond(send, 405, b"Method Not Allowed", b"text/plain", [(b"allow", b"POST")])
+            return
+        sid = headers.get("mcp-session-id")
+        session = self.sessions.get(sid) if sid is not None else None
+        if session is None or session.legacy_stream is not None:
+            status = 400 if sid is None else 404
+            await respond(send, status, _error_body("Bad Request: no valid Mcp-Session-Id"))
+            return
+        if session.get_stream is not None:
+            await respond(send, 409, _error_body("Conflict: this session's stream is already open"))
+            return
+        stream = session.get_stream = EventStream()
+        first = [encode_event(frame, "message") for frame in session.backlog]
+        session.backlog.clear()
+        session.busy += 1
+        try:
+            await stream.serve(receive, send, first=first, headers=[])
+        finally:
+            session.busy -= 1
+            session.last_used = time.monotonic()
+            if session.get_stream is stream:
+                session.get_stream = None
+
+    async def _delete_mcp(self, headers: dict[str, str], send: Send) -> None:
+        sid = headers.get("mcp-session-id")
+        session = self.sessions.get(sid) if sid is not None else None
+        if session is None or session.legacy_stream is not None:
+            await respond(send, 404, _error_body("Session not found"))
+            return
+        await self.close_session(session)
+        await respond(send, 200, b"")
+
+    async def _get_sse(self, headers: dict[str, str], receive: Receive, send: Send) -> None:
+        try:
+            session = await self.new_session(headers, "sse", legacy=True)
+        except UpstreamError as exc:
+            warn_once(f"start:{exc}", str(exc))
+            await respond(send, 502, str(exc).encode(), b"text/plain")
+            return
+        stream = session.legacy_stream
+        assert stream is not None
+        endpoint = encode_event(f"/messages?session_id={session.id}".encode(), "endpoint")
+        session.busy += 1
+        try:
+            await stream.serve(receive, send, first=[endpoint], headers=[])
+        finally:
+            session.busy -= 1
+            await self.close_session(session)
+
+    async def _post_messages(
+        self, scope: Scope, headers: dict[str, str], receive: Receive, send: Send
+    ) -> None:
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        sid = (query.get("session_id") or query.get("sessionId") or [""])[0]
+        session = self.sessions.get(sid)
+        if session is None or session.legacy_stream is None:
+            await respond(send, 404, b"Could not find session", b"text/plain")
+            return
+        body = await read_body(receive)
+        seen = time.perf_counter()
+        hs = heads(body)
+        if self.draining and (any(h.kind == REQUEST for h in hs) or not hs):
+            await _shutting_down(send)
+            return
+        hint = headers.get("x-request-id")
+        if hint:
+            for head in hs:
+                if head.kind == REQUEST:
+                    session.hints[str(head.id)] = hint
+        upstream = session.upstream
+        assert upstream is not None
+        session.meter_c2s(body, seen)
+        try:
+            await upstream.send(body)
+        except UpstreamError as exc:
+            await respond(send, 502, str(exc).encode(), b"text/plain")
+            return
+        session.last_used = time.monotonic()
+        await respond(send, 202, b"Accepted", b"text/plain")
+
+
+async def _shutting_down(send: Send) -> None:
+    await respond(
+        send, 503, b"Service Unavailable: shutting down", b"text/plain", [(b"connection", b"close")]
+    )
+
+
+def _header_mismatch(
+    raw_headers: list[tuple[bytes, bytes]], headers: Mapping[str, str], head: Head
+) -> str | None:
+    """Why a 2026-07-28 request's routing headers disagree with its body, or None."""
+    seen: set[bytes] = set()
+    for name, _ in raw_headers:
+        if name in _ROUTING_HEADERS:
+            if name in seen:
+                return f"{name.decode()} header appears more than once"
+            seen.add(name)
+    version = headers.get("mcp-protocol-version")
+    if head.version is not None and head.version != version:
+        return "mcp-protocol-version header does not match the request envelope's protocol version"
+    if head.method is not None:
+        if headers.get("mcp-method") != head.method:
+            return "mcp-method header does not match the request body's method"
+        key = NAME_PARAMS.get(head.method)
+        if (
+            key is not None
+            and head.name is not None
+            and decode_header_value(headers.get("mcp-name")) != head.name
+        ):
+            return f"mcp-name header does not match the request body's {key!r} parameter"
+    return None
+
+
+# -- running it -------------------------------------------------------------------------------
+
+
+def check_options(options: ListenOptions) -> None:
+    """Refuse what must not start: a bare non-loopback bind, a command that is not there."""
+    if not is_loopback(options.host) and not options.auth_token:
+        raise UsageError(
+            f"wrap: --listen {options.host} is not a loopback address: "
+            "give --auth-token (or MCPMETER_AUTH_TOKEN) to serve it"
+        )
+    if options.argv is not None and shutil.which(options.argv[0]) is None:
+        if os.path.sep in options.argv[0] and os.path.exists(options.argv[0]):
+            raise MeterError(f"permission denied: {options.argv[0]}", exit_code=126)
+        raise MeterError(f"command not found: {options.argv[0]}", exit_code=127)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        raise MeterError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    sock.setblocking(False)
+    return sock
+
+
+def run_listen(options: ListenOptions) -> int:
+    """Serve until SIGTERM/SIGINT/SIGHUP; then drain, close every session, write every row."""
+    from mcpmeter.wrap import start_audit_writer
+
+    check_options(options)
+    sock = _bind(options.host, options.port)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    writer = start_audit_writer(options.db)
+    try:
+        anyio.run(_serve, options, writer, sock, backend="asyncio")
+    finally:
+        sock.close()
+        writer.close()
+        if verbose():
+            warn(f"{writer.written} rows written, {writer.spilled} spilled")
+    return 0
+
+
+async def _serve(options: ListenOptions, writer: AuditWriter, sock: socket.socket) -> None:
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self) -> Any:  # the signals are ours to handle
+            yield
+
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    async with anyio.create_task_group() as tg:
+        gateway = Gateway(options, writer, tg)
+        async with contextlib.AsyncExitStack() as stack:
+            if options.url is not None:
+                gateway.client = await stack.enter_async_context(new_client())
+            config = uvicorn.Config(
+                gateway,
+                lifespan="off",
+                log_level="warning",
+                log_config=None,
+                access_log=False,
+                http="h11",
+                ws="none",
+                interface="asgi3",
+                proxy_headers=False,
+                server_header=False,
+                timeout_graceful_shutdown=2,
+            )
+            server = Server(config)
+            served = anyio.Event()
+
+            async def serve() -> None:
+                try:
+                    await server.serve(sockets=[sock])
+                finally:
+                    served.set()
+
+            # Signals stay ours until the end: a second SIGTERM must not cut the shutdown short.
+            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+                tg.start_soon(serve)
+                tg.start_soon(gateway.reap_idle)
+                warn(f"listening on http://{shown}:{port}/mcp (streamable HTTP) and /sse (HTTP+SSE)")
+                async for _ in signals:
+                    break
+                with anyio.move_on_after(DRAIN_S):
+                    await gateway.drain()
+                await gateway.close_all()
+                server.should_exit = True
+                with anyio.move_on_after(DRAIN_S):
+                    await served.wait()
+        tg.cancel_scope.cancel()

@@ -1,0 +1,359 @@
+"""What the HTTP transports need to know about a JSON-RPC message, and id surgery on its bytes.
+
+Routing a message over HTTP needs its kind, id, method, the name a 2026-07-28 request
+mirrors in ``Mcp-Name``, the protocol version in its ``_meta``, and a progress token. A
+:class:`Head` holds those, decoded with msgspec without building the payload (tool
+arguments and results are skipped, never materialised).
+
+Multiplexing several clients over one server rewrites request ids. :func:`member_span`
+finds the exact bytes of a top-level member's value, so an id is swapped in place and every
+other byte of the frame stays as it was: the object's members are decoded as
+``msgspec.Raw`` (zero-copy slices of the frame), and a short scan over the keys walks
+from one member to the next by the length of each raw value, never through its contents.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from typing import Any, NamedTuple
+
+import msgspec
+
+UNSET = msgspec.UNSET
+
+#: Protocol revisions negotiated with ``initialize`` (anything else on an HTTP request is
+#: the 2026-07-28 per-request envelope).
+HANDSHAKE_VERSIONS = frozenset({"2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"})
+PROTOCOL_VERSION_KEY = "io.modelcontextprotocol/protocolVersion"
+#: Methods whose ``Mcp-Name`` header mirrors a params member (2026-07-28).
+NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
+#: JSON-RPC error code for headers that disagree with the body (2026-07-28).
+HEADER_MISMATCH = -32020
+#: The code of the errors mcpmeter answers itself when the upstream cannot.
+UPSTREAM_ERROR = -32000
+
+_WS = b" \t\r\n"
+_Scalar = str | int | float | bool | None
+
+
+class _Meta(msgspec.Struct):
+    protocolVersion: Any = msgspec.field(default=None, name=PROTOCOL_VERSION_KEY)
+    progressToken: Any = None
+
+
+class _Params(msgspec.Struct):
+    name: Any = None
+    uri: Any = None
+    meta: _Meta | list[Any] | _Scalar = msgspec.field(default=None, name="_meta")
+    requestId: Any = None
+    progressToken: Any = None
+
+
+class _Error(msgspec.Struct):
+    code: Any = None
+
+
+class _Result(msgspec.Struct):
+    protocolVersion: Any = None
+
+
+class _Message(msgspec.Struct):
+    id: Any = UNSET
+    method: Any = None
+    params: _Params | list[Any] | _Scalar = None
+    result: _Result | list[Any] | _Scalar | msgspec.UnsetType = UNSET
+    error: _Error | list[Any] | _Scalar | msgspec.UnsetType = UNSET
+
+
+_decode_message = msgspec.json.Decoder(_Message).decode
+_decode_members = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
+_decode_elements = msgspec.json.Decoder(list[msgspec.Raw]).decode
+_decode_str = msgspec.json.Decoder(str).decode
+
+REQUEST = "request"
+NOTIFICATION = "notification"
+RESPONSE = "response"
+OTHER = "other"
+
+
+class Head(NamedTuple):
+    """The routing facts of one JSON-RPC message."""
+
+    kind: str
+    id: object = None
+    method: str | None = None
+    name: str | None = None
+    version: str | None = None
+    progress_token: object = None
+    cancelled_id: object = None
+    error_code: int | None = None
+    result_version: str | None = None
+
+
+def _valid_id(value: object) -> bool:
+    kind = type(value)
+    return kind is int or kind is str or kind is float
+
+
+def id_key(value: object) -> tuple[str, object]:
+    """A dict key for a JSON-RPC id: ``1`` and ``"1"`` differ, as they do on the wire."""
+    return (type(value).__name__, value)
+
+
+def _head(msg: _Message) -> Head:
+    method = msg.method
+    params = msg.params
+    if isinstance(method, str):
+        name = version = progress = cancelled = None
+        if isinstance(params, _Params):
+            key = NAME_PARAMS.get(method)
+            if key is not None:
+                value = params.name if key == "name" else params.uri
+                name = value if isinstance(value, str) else None
+            meta = params.meta
+            if isinstance(meta, _Meta):
+                if isinstance(meta.protocolVersion, str):
+                    version = meta.protocolVersion
+                progress = meta.progressToken
+            if method == "notifications/progress":
+                progress = params.progressToken
+            elif method == "notifications/cancelled" and _valid_id(params.requestId):
+                cancelled = params.requestId
+        if msg.id is not UNSET and msg.id is not None:
+            if not _valid_id(msg.id):
+                return Head(OTHER)
+            return Head(REQUEST, msg.id, method, name, version, progress)
+        return Head(NOTIFICATION, None, method, name, version, progress, cancelled)
+    if msg.id is not UNSET and (msg.result is not UNSET or msg.error is not UNSET):
+        code = None
+        if isinstance(msg.error, _Error) and type(msg.error.code) is int:
+            code = msg.error.code
+        result_version = None
+        if isinstance(msg.result, _Result) and isinstance(msg.result.protocolVersion, str):
+            result_version = msg.result.protocolVersion
+        return Head(RESPONSE, msg.id, error_code=code, result_version=result_version)
+    return Head(OTHER)
+
+
+def first_byte(frame: bytes | bytearray) -> int | None:
+    for byte in frame:
+        if byte not in _WS:
+            return byte
+    return None
+
+
+def heads(frame: bytes) -> list[Head]:
+    """One head per message: one for an object, one per member for a batch; none if not JSON-RPC."""
+    first = first_byte(frame)
+    try:
+        if first == 0x7B:
+            return [_head(_decode_message(frame))]
+        if first == 0x5B:
+            return [_head(_decode_message(raw)) for raw in _decode_elements(frame)]
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    return []
+
+
+def is_batch(frame: bytes) -> bool:
+    return first_byte(frame) == 0x5B
+
+
+# -- byte surgery ----------------------------------------------------------------------------
+
+
+def _skip_ws(data: bytes, i: int) -> int:
+    n = len(data)
+    while i < n and data[i] in _WS:
+        i += 1
+    return i
+
+
+def _string_end(data: bytes, i: int) -> int:
+    """Index just past the JSON string starting at ``data[i]`` (a ``"``), or -1."""
+    j = i + 1
+    while True:
+        q = data.find(b'"', j)
+        if q < 0:
+            return -1
+        k = q - 1
+        while data[k] == 0x5C:  # "\\"
+            k -= 1
+        if (q - 1 - k) % 2 == 0:
+            return q + 1
+        j = q + 1
+
+
+def member_spans(obj: bytes, start: int = 0) -> dict[str, tuple[int, int]] | None:
+    """``{key: (start, end)}`` of each top-level member value of the JSON object at ``obj[start:]``.
+
+    None when ``obj`` is not an object, or has a key twice (a span would be ambiguous).
+    """
+    try:
+        members = _decode_members(obj[start:] if start else obj)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    spans: dict[str, tuple[int, int]] = {}
+    i = _skip_ws(obj, start)
+    if obj[i : i + 1] != b"{":
+        return None
+    i = _skip_ws(obj, i + 1)
+    if obj[i : i + 1] == b"}":
+        return spans
+    while True:
+        if obj[i : i + 1] != b'"':
+            return None
+        end = _string_end(obj, i)
+        if end < 0:
+            return None
+        raw_key = obj[i:end]
+        key = _decode_str(raw_key) if b"\\" in raw_key else raw_key[1:-1].decode()
+        if key in spans or key not in members:
+            return None
+        i = _skip_ws(obj, end)
+        if obj[i : i + 1] != b":":
+            return None
+        i = _skip_ws(obj, i + 1)
+        value_end = i + len(members[key])
+        spans[key] = (i, value_end)
+        i = _skip_ws(obj, value_end)
+        sep = obj[i : i + 1]
+        if sep == b"}":
+            return spans if len(spans) == len(members) else None
+        if sep != b",":
+            return None
+        i = _skip_ws(obj, i + 1)
+
+
+def element_spans(array: bytes) -> list[tuple[int, int]] | None:
+    """``(start, end)`` of each element of the JSON array ``array``, or None if it is not one."""
+    try:
+        elements = _decode_elements(array)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    spans: list[tuple[int, int]] = []
+    i = _skip_ws(array, 0)
+    if array[i : i + 1] != b"[":
+        return None
+    i = _skip_ws(array, i + 1)
+    for element in elements:
+        end = i + len(element)
+        spans.append((i, end))
+        i = _skip_ws(array, end)
+        if array[i : i + 1] == b",":
+            i = _skip_ws(array, i + 1)
+    return spans
+
+
+def splice(data: bytes, replacements: list[tuple[int, int, bytes]]) -> bytes:
+    """``data`` with each ``(start, end)`` span replaced by its bytes (spans must not overlap)."""
+    if not replacements:
+        return data
+    out: list[bytes] = []
+    at = 0
+    for start, end, new in sorted(replacements, key=lambda r: r[0]):
+        out.append(data[at:start])
+        out.append(new)
+        at = end
+    out.append(data[at:])
+    return b"".join(out)
+
+
+def message_spans(frame: bytes) -> list[tuple[int, dict[str, tuple[int, int]]]] | None:
+    """For each message of a frame (one, or each batch member): its member spans, frame-relative."""
+    first = first_byte(frame)
+    if first == 0x7B:
+        spans = member_spans(frame)
+        return None if spans is None else [(0, spans)]
+    if first != 0x5B:
+        return None
+    elements = element_spans(frame)
+    if elements is None:
+        return None
+    out: list[tuple[int, dict[str, tuple[int, int]]]] = []
+    for start, end in elements:
+        spans = member_spans(frame[start:end])
+        if spans is None:
+            return None
+        out.append((start, {k: (s + start, e + start) for k, (s, e) in spans.items()}))
+    return out
+
+
+# -- small frames mcpmeter writes itself ------------------------------------------------------
+
+
+def error_frame(raw_id: bytes, message: str, code: int = UPSTREAM_ERROR) -> bytes:
+    """A JSON-RPC error response for the request whose id bytes are ``raw_id``."""
+    text = msgspec.json.encode(message)
+    return (
+        b'{"jsonrpc":"2.0","id":'
+        + raw_id
+        + b',"error":{"code":'
+        + str(code).encode()
+        + b',"message":'
+        + text
+        + b"}}"
+    )
+
+
+def encode_id(value: object) -> bytes:
+    return msgspec.json.encode(value)
+
+
+def cancelled_frame(raw_id: bytes, reason: str) -> bytes:
+    text = msgspec.json.encode(reason)
+    return (
+        b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":'
+        + raw_id
+        + b',"reason":'
+        + text
+        + b"}}"
+    )
+
+
+def one_line(body: bytes) -> bytes:
+    """``body`` made fit for a newline-delimited stream, length unchanged.
+
+    A raw CR or LF can only be whitespace between JSON tokens (inside strings they are
+    escaped), so turning each into a space changes no message and no byte count.
+    """
+    if b"\n" in body or b"\r" in body:
+        return body.replace(b"\r", b" ").replace(b"\n", b" ")
+    return body
+
+
+# -- Mcp-Name header values (2026-07-28) ----------------------------------------------------
+
+_HEADER_SAFE = re.compile(r"^[\x20-\x7E]*$")
+_B64_SENTINEL = re.compile(r"^=\?base64\?(?P<payload>.*)\?=$")
+
+
+def encode_header_value(value: str) -> str:
+    """Plain visible ASCII as is; anything else as ``=?base64?...?=`` (UTF-8)."""
+    if _HEADER_SAFE.fullmatch(value) and value == value.strip() and not _B64_SENTINEL.fullmatch(value):
+        return value
+    return f"=?base64?{base64.b64encode(value.encode()).decode('ascii')}?="
+
+
+def decode_header_value(value: str | None) -> str | None:
+    """The inverse of :func:`encode_header_value`; None for a malformed sentinel."""
+    if value is None:
+        return None
+    match = _B64_SENTINEL.fullmatch(value)
+    if match is None:
+        return value
+    payload = match.group("payload")
+    try:
+        decoded = base64.b64decode(payload, validate=True)
+        if base64.b64encode(decoded).decode("ascii") != payload:
+            return None
+        return decoded.decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+
+
+def is_modern(version: str | None) -> bool:
+    """Whether a protocol version names the 2026-07-28 era (no handshake, no session)."""
+    return version is not None and version not in HANDSHAKE_VERSIONS
