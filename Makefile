@@ -31,6 +31,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/relay_bench.py
+	$(BIN)/python benchmarks/store_bench.py
 
 # The frame parser under libFuzzer (atheris); new corpus entries go to .fuzz-corpus/.
 fuzz: $(STAMP)

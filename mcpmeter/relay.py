@@ -11,6 +11,7 @@ delays the bytes it looks at; settled records leave through the audit writer's q
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import threading
@@ -71,6 +72,72 @@ class FdEndpoint:
                 select.select([], [fd], [])
 
 
+class Gate(Protocol):
+    """What a pump asks before forwarding a ``tools/call`` (see :mod:`mcpmeter.budget`)."""
+
+    #: False while no budget or guard applies: the pump then forwards chunks untouched.
+    active: bool
+
+    def check(self, frame: bytes) -> tuple[object, bytes] | None:
+        """(request id, answer frame) to refuse ``frame`` with, or None to forward it."""
+
+    def answer(self, frame: bytes) -> None:
+        """Send the client the proxy's own answer (between the server's frames)."""
+
+
+class ClientWriter:
+    """The client's stdout when the proxy may answer calls itself.
+
+    The server->client pump writes what the server says, chunk by chunk; an answer from
+    the proxy must never land inside one of the server's frames. So an answer is written
+    at once when the last chunk ended a line, else held and written right after the newline
+    that ends the server's current frame.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+        self._lock = threading.Lock()
+        self._mid_line = False
+        self._pending: list[bytes] = []
+
+    def read(self) -> bytes:  # pragma: no cover - a sink only
+        raise OSError("ClientWriter is not readable")
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._pending:
+                if self._mid_line:
+                    nl = data.find(b"\n")
+                    if nl < 0:
+                        self._endpoint.write(data)
+                        return
+                    self._endpoint.write(data[: nl + 1])
+                    data = data[nl + 1 :]
+                    self._mid_line = False
+                pending, self._pending = b"".join(self._pending), []
+                self._endpoint.write(pending)
+            if data:
+                self._endpoint.write(data)
+                self._mid_line = data[-1] != 0x0A
+
+    def inject(self, frame: bytes) -> None:
+        """Write one whole frame (newline included) between the server's frames."""
+        with self._lock:
+            if self._mid_line:
+                self._pending.append(frame)
+                return
+            with contextlib.suppress(OSError):
+                self._endpoint.write(frame)
+
+    def flush(self) -> None:
+        """At the end: what is still held (the server died mid-frame) goes out anyway."""
+        with self._lock:
+            pending, self._pending = b"".join(self._pending), []
+            if pending:
+                with contextlib.suppress(OSError):
+                    self._endpoint.write(pending)
+
+
 class Tap:
     """Cuts one direction's bytes into frames for the meter; isolates the meter's errors."""
 
@@ -95,6 +162,14 @@ class Tap:
     def finish(self, seen: float) -> None:
         """The stream ended: meter a last frame that had no newline."""
         self._splitter.finish(seen)
+
+    def refused(self, rpc_id: object, answer_bytes: int, seen: float) -> None:
+        """The request ``rpc_id`` (already fed) was answered by the proxy, not forwarded."""
+        try:
+            self._meter.on_refused(self._direction, rpc_id, answer_bytes, seen)
+        except Exception as exc:
+            self._meter.stats.meter_errors += 1
+            warn_once("meter-error", f"metering error (frames still relayed): {exc!r}")
 
 
 class Pump:
@@ -129,6 +204,10 @@ class Pump:
         self._on_sink_lost = on_sink_lost
         self._clock = clock
         self._thread = threading.Thread(target=self._run, name=f"mcpmeter-{name}", daemon=True)
+        #: Decides, line by line, whether a tools/call may be forwarded (budgets, loop guard).
+        self.gate: Gate | None = None
+        self._held: list[bytes] = []
+        self._refused: list[tuple[object, bytes]] = []
 
     def start(self) -> Pump:
         self._thread.start()
@@ -140,6 +219,7 @@ class Pump:
         feed = self.tap.feed
         clock = self._clock
         lock = self._lock
+        gate = self.gate
         try:
             while True:
                 try:
@@ -149,17 +229,75 @@ class Pump:
                 if not data:
                     break
                 seen = clock()
+                # Held bytes of an unfinished line go first, whatever the gate says meanwhile.
+                if self._held or (gate is not None and gate.active and b'"tools/call"' in data):
+                    self._gated(data, seen)
+                    continue
                 if not self.sink_lost:
                     try:
                         write(data)
                     except OSError:
-                        self.sink_lost = True
-                        self._on_sink_lost()
+                        self._lose_sink()
                 self.bytes += len(data)
                 with lock:
                     feed(data, seen)
         finally:
+            if self._held and not self.sink_lost:  # an unterminated last line: forward it as is
+                with contextlib.suppress(OSError):
+                    self.sink.write(b"".join(self._held))
             with lock:
                 self.tap.finish(clock())
             self._on_eof()
             self.done.set()
+
+    def _lose_sink(self) -> None:
+        self.sink_lost = True
+        self._on_sink_lost()
+
+    def _gated(self, data: bytes, seen: float) -> None:
+        """Forward complete lines the gate lets through; answer the others from here.
+
+        Bytes of an unfinished line are held back until its newline arrives (a call must
+        not start reaching the server before it is allowed). They are kept as a list of
+        chunks and joined once, when the line is complete.
+        """
+        gate = self.gate
+        assert gate is not None
+        self.bytes += len(data)
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            self._held.append(data)
+        else:
+            if self._held:
+                self._held.append(data[:end])
+                complete = b"".join(self._held)
+            else:
+                complete = data[:end] if end < len(data) else data
+            self._held = [data[end:]] if end < len(data) else []
+            self._forward_lines(gate, complete, seen)
+        with self._lock:
+            self.tap.feed(data, seen)
+            for rpc_id, answer in self._refused:
+                self.tap.refused(rpc_id, len(answer), self._clock())
+        refused, self._refused = self._refused, []
+        for _rpc_id, answer in refused:
+            gate.answer(answer + b"\n")
+
+    def _forward_lines(self, gate: Gate, complete: bytes, seen: float) -> None:
+        forward: list[bytes] = []
+        start = 0
+        end = len(complete)
+        while start < end:
+            nl = complete.index(b"\n", start) + 1
+            line = complete[start:nl]
+            start = nl
+            verdict = gate.check(line[:-1]) if b'"tools/call"' in line else None
+            if verdict is None:
+                forward.append(line)
+            else:
+                self._refused.append(verdict)
+        if forward and not self.sink_lost:
+            try:
+                self.sink.write(forward[0] if len(forward) == 1 else b"".join(forward))
+            except OSError:
+                self._lose_sink()

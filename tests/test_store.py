@@ -1,4 +1,8 @@
-"""The SQLite store and the audit writer: schema, round trips, many writers, and the spill file."""
+"""The stores and the audit writer: schema, round trips, many writers, and the spill file.
+
+Every test of store behaviour runs on SQLite and on Postgres (the ``backend`` fixture; see
+``tests/stores.py``); a few check what only one engine has.
+"""
 
 from __future__ import annotations
 
@@ -6,17 +10,19 @@ import os
 import re
 import sqlite3
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MCPMETER, PYTHON, ROOT, read_rows
+from conftest import MCPMETER, PYTHON, ROOT
+from stores import BACKENDS, Backend, make_backend, require_postgres, subprocess_env
 
 from mcpmeter.errors import StoreError
 from mcpmeter.meters.audit import AuditWriter, spill_path_for
 from mcpmeter.record import CallRecord
-from mcpmeter.store import CallFilter, SQLiteStore, open_store
+from mcpmeter.store import CallFilter, SQLiteStore, Store, open_store
 from mcpmeter.store.migrations import MIGRATIONS
 
 #: The columns of an exported row, in the order DESIGN.md gives them.
@@ -85,48 +91,71 @@ def record(**fields: Any) -> CallRecord:
     return CallRecord(**values)
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Backend]:
+    with make_backend(request.param, tmp_path, monkeypatch) as made:
+        yield made
+
+
 @pytest.fixture
-def store(db_path: Path) -> Iterator[SQLiteStore]:
-    s = SQLiteStore(str(db_path))
+def pg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Backend]:
+    """A Postgres store only: for what only a store behind a server can do."""
+    with make_backend("postgres", tmp_path, monkeypatch) as made:
+        yield made
+
+
+@pytest.fixture
+def store(backend: Backend) -> Iterator[Store]:
+    s = backend.open()
     yield s
     s.close()
 
 
-def sqlite_master(db: Path, kind: str) -> set[str]:
-    con = sqlite3.connect(db)
-    try:
-        return {name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type = ?", (kind,))}
-    finally:
-        con.close()
+def count(store: Store, where: CallFilter | None = None) -> int:
+    clause, params = (where or CallFilter()).where()
+    row = store.query_one(f"SELECT count(*) FROM calls{clause}", params)
+    assert row is not None
+    return int(row[0])
 
 
 # -- schema -------------------------------------------------------------------------------------
 
 
-def test_a_new_store_records_every_migration_by_name_in_schema_version(db_path: Path) -> None:
-    SQLiteStore(str(db_path)).close()
-    con = sqlite3.connect(db_path)
-    try:
-        applied = con.execute(
-            "SELECT version, name, applied_at FROM schema_version ORDER BY version"
-        ).fetchall()
-    finally:
-        con.close()
+def test_a_new_store_records_every_migration_by_name_in_schema_version(backend: Backend) -> None:
+    backend.open().close()
+    applied = backend.sql("SELECT version, name, applied_at FROM schema_version ORDER BY version")
     assert [(v, n) for v, n, _ in applied] == [(m.version, m.name) for m in MIGRATIONS]
     assert all(ISO_UTC_MICROS.match(at) for _, _, at in applied)
 
 
-def test_the_calls_table_has_the_documented_columns_in_order_then_the_redacted_args(db_path: Path) -> None:
-    SQLiteStore(str(db_path)).close()
-    con = sqlite3.connect(db_path)
-    try:
-        columns = [row[1] for row in con.execute("PRAGMA table_info(calls)")]
-    finally:
-        con.close()
-    assert tuple(columns) == (*COLUMNS, "args")
+def test_every_migration_has_sql_for_both_engines_and_both_record_the_same_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert all(m.sqlite and m.postgres for m in MIGRATIONS)
+    assert [m.version for m in MIGRATIONS] == list(range(1, len(MIGRATIONS) + 1))
+    assert len({m.name for m in MIGRATIONS}) == len(MIGRATIONS)
+    recorded = []
+    for kind in BACKENDS:
+        with make_backend(kind, tmp_path / kind, monkeypatch) as made:
+            store = made.open()
+            try:
+                recorded.append(store.schema_versions())
+            finally:
+                store.close()
+            assert set(made.tables()) >= {"calls", "llm_calls", "model_prices", "tool_prices", "spill_loads"}
+    assert recorded[0] == recorded[1] == [(m.version, m.name) for m in MIGRATIONS]
 
 
-def test_the_store_is_in_wal_mode(db_path: Path) -> None:
+def test_the_calls_table_has_the_documented_columns_in_order_then_the_redacted_args(
+    backend: Backend,
+) -> None:
+    backend.open().close()
+    assert tuple(backend.columns("calls")) == (*COLUMNS, "args")
+
+
+def test_a_sqlite_store_is_in_wal_mode(db_path: Path) -> None:
     SQLiteStore(str(db_path)).close()
     con = sqlite3.connect(db_path)
     try:
@@ -135,49 +164,41 @@ def test_the_store_is_in_wal_mode(db_path: Path) -> None:
         con.close()
 
 
-def test_the_calls_table_is_indexed_for_time_tenant_and_join_queries(db_path: Path) -> None:
-    SQLiteStore(str(db_path)).close()
-    assert {"calls_ts", "calls_project_agent_ts", "calls_request_id"} <= sqlite_master(db_path, "index")
+def test_the_calls_table_is_indexed_for_time_tenant_and_join_queries(backend: Backend) -> None:
+    backend.open().close()
+    indexes = backend.indexes()
+    assert {"calls_ts", "calls_project_agent_ts", "calls_request_id"} <= set(indexes)
+    assert "WHERE request_id IS NOT NULL" in indexes["calls_request_id"].replace("(", "").replace(")", "")
 
 
-def test_queries_by_time_by_project_and_agent_and_by_request_id_use_an_index(db_path: Path) -> None:
-    SQLiteStore(str(db_path)).close()
-    con = sqlite3.connect(db_path)
-    try:
-        for query, index in (
-            ("SELECT id FROM calls WHERE ts >= '2026-01-01'", "calls_ts"),
-            (
-                "SELECT id FROM calls WHERE project_id = 'p' AND agent_id = 'a' AND ts >= '2026'",
-                "calls_project_agent_ts",
-            ),
-            ("SELECT id FROM calls WHERE request_id = 'r'", "calls_request_id"),
-        ):
-            plan = " ".join(str(row[-1]) for row in con.execute(f"EXPLAIN QUERY PLAN {query}"))
-            assert index in plan, (query, plan)
-    finally:
-        con.close()
+def test_queries_by_time_by_project_and_agent_and_by_request_id_use_an_index(backend: Backend) -> None:
+    backend.open().close()
+    for query, index in (
+        ("SELECT id FROM calls WHERE ts >= '2026-01-01'", "calls_ts"),
+        (
+            "SELECT id FROM calls WHERE project_id = 'p' AND agent_id = 'a' AND ts >= '2026'",
+            "calls_project_agent_ts",
+        ),
+        ("SELECT id FROM calls WHERE request_id = 'r'", "calls_request_id"),
+    ):
+        plan = backend.plan(query)
+        assert index in plan, (query, plan)
 
 
-def test_opening_a_store_again_applies_no_migration_twice_and_keeps_its_rows(db_path: Path) -> None:
-    first = SQLiteStore(str(db_path))
+def test_opening_a_store_again_applies_no_migration_twice_and_keeps_its_rows(backend: Backend) -> None:
+    first = backend.open()
     first.write_calls([record()])
     before = first.schema_versions()
     first.close()
-    con = sqlite3.connect(db_path)
-    applied_at = con.execute("SELECT applied_at FROM schema_version").fetchall()
-    con.close()
+    applied_at = backend.sql("SELECT applied_at FROM schema_version ORDER BY version")
 
-    again = SQLiteStore(str(db_path))
+    again = backend.open()
     try:
         assert again.schema_versions() == before == [(m.version, m.name) for m in MIGRATIONS]
-        assert again.count_calls() == 1
+        assert count(again) == 1
     finally:
         again.close()
-    con = sqlite3.connect(db_path)
-    try:
-        assert con.execute("SELECT applied_at FROM schema_version").fetchall() == applied_at
-    finally:
-        con.close()
+    assert backend.sql("SELECT applied_at FROM schema_version ORDER BY version") == applied_at
 
 
 def test_opening_a_missing_store_without_create_is_one_clear_error(tmp_path: Path) -> None:
@@ -188,17 +209,75 @@ def test_opening_a_missing_store_without_create_is_one_clear_error(tmp_path: Pat
     assert not missing.parent.exists()
 
 
-def test_a_postgres_url_is_a_clear_usage_error_in_this_version() -> None:
-    with pytest.raises(Exception, match="Postgres") as caught:
-        open_store("postgresql://localhost/mcpmeter")
-    assert "\n" not in str(caught.value)
+def test_a_postgres_url_opens_the_postgres_store(backend: Backend) -> None:
+    store = backend.open()
+    try:
+        assert store.dialect == backend.kind
+        assert type(store).__name__ == {"sqlite": "SQLiteStore", "postgres": "PostgresStore"}[backend.kind]
+    finally:
+        store.close()
+
+
+def test_a_postgres_server_that_does_not_answer_is_one_clear_line_naming_the_store() -> None:
+    require_postgres()  # psycopg is there; nothing listens on port 1
+    with pytest.raises(
+        StoreError, match=r"^cannot connect to store postgresql://u:\*\*\*@127\.0\.0\.1:1/x: "
+    ) as caught:
+        open_store("postgresql://u:secret@127.0.0.1:1/x")
+    assert "\n" not in str(caught.value) and "secret" not in str(caught.value)
+
+
+def test_a_postgres_url_without_psycopg_installed_says_which_extra_to_install(tmp_path: Path) -> None:
+    # The missing package is faked at its boundary: the import of psycopg fails.
+    script = (
+        "import sys; sys.modules['psycopg'] = None\n"
+        "from mcpmeter.__main__ import main\n"
+        "sys.exit(main(['export', '--db', 'postgresql://127.0.0.1/x']))\n"
+    )
+    result = subprocess.run([PYTHON, "-c", script], capture_output=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.decode().count("\n") == 1
+    assert "pip install 'mcpmeter[postgres]'" in result.stderr.decode()
+    assert result.stdout == b""
+
+
+@pytest.mark.parametrize(
+    ("sql", "expected"),
+    [
+        ("SELECT a FROM t WHERE b = ? AND c = ?", "SELECT a FROM t WHERE b = %s AND c = %s"),
+        ("SELECT '?', 'it''s ?' WHERE x = ?", "SELECT '?', 'it''s ?' WHERE x = %s"),
+        ('SELECT "odd?name" FROM t -- why?\nWHERE x = ?', 'SELECT "odd?name" FROM t -- why?\nWHERE x = %s'),
+        (
+            "SELECT '5%' /* 100%? */ WHERE a LIKE ? || '%'",
+            "SELECT '5%%' /* 100%%? */ WHERE a LIKE %s || '%%'",
+        ),
+        ("SELECT 10 % 3", "SELECT 10 %% 3"),
+    ],
+)
+def test_question_mark_placeholders_become_psycopg_ones_outside_quotes_only(sql: str, expected: str) -> None:
+    pytest.importorskip("psycopg")
+    from mcpmeter.store.postgres import translate
+
+    assert translate(sql) == expected
+
+
+def test_literal_question_marks_and_percent_signs_reach_the_engine_unchanged(store: Store) -> None:
+    row = store.query_one("SELECT '?', '5%', ? || '%?', 7 % ?", ("a?", 4))
+    assert row == ("?", "5%", "a?%?", 3)
+
+
+def test_sums_and_averages_read_back_as_numbers_the_same_on_both_engines(store: Store) -> None:
+    store.write_calls([record(request_bytes=3, latency_ms=1.0), record(request_bytes=4, latency_ms=2.0)])
+    row = store.query_one("SELECT sum(request_bytes), avg(request_bytes), sum(latency_ms) FROM calls")
+    assert row == (7, 3.5, 3.0)
+    assert [type(v) for v in row] == [int, float, float]
 
 
 # -- rows in, rows out --------------------------------------------------------------------------
 
 
 def test_rows_come_back_in_order_with_every_column_and_ts_as_iso_utc_with_microseconds(
-    store: SQLiteStore,
+    store: Store,
 ) -> None:
     records = [
         record(),
@@ -228,7 +307,7 @@ def test_rows_come_back_in_order_with_every_column_and_ts_as_iso_utc_with_micros
         assert row[2:-1] == tuple(rec)[1:-1]  # every exported column but id and hash (not args)
 
 
-def test_a_timestamp_a_hair_below_a_second_rounds_up_into_the_next_second(store: SQLiteStore) -> None:
+def test_a_timestamp_a_hair_below_a_second_rounds_up_into_the_next_second(store: Store) -> None:
     store.write_calls([record(ts=1_700_000_000.9999996), record(ts=0.0)])
     assert [row[1] for row in store.iter_calls(CallFilter())] == [
         "2023-11-14T22:13:21.000000Z",
@@ -236,12 +315,12 @@ def test_a_timestamp_a_hair_below_a_second_rounds_up_into_the_next_second(store:
     ]
 
 
-def test_writing_no_records_is_a_no_op(store: SQLiteStore) -> None:
+def test_writing_no_records_is_a_no_op(store: Store) -> None:
     store.write_calls([])
-    assert store.count_calls() == 0
+    assert count(store) == 0
 
 
-def test_iter_calls_streams_in_batches_without_skipping_or_repeating(store: SQLiteStore) -> None:
+def test_iter_calls_streams_in_batches_without_skipping_or_repeating(store: Store) -> None:
     store.write_calls([record(jsonrpc_id=str(i)) for i in range(2_345)])
     assert [row[13] for row in store.iter_calls(CallFilter(), batch=100)] == [str(i) for i in range(2_345)]
 
@@ -266,9 +345,7 @@ def test_iter_calls_streams_in_batches_without_skipping_or_repeating(store: SQLi
         (CallFilter(project_id="nobody"), []),
     ],
 )
-def test_call_filters_select_the_rows_they_name(
-    store: SQLiteStore, where: CallFilter, expected: list[str]
-) -> None:
+def test_call_filters_select_the_rows_they_name(store: Store, where: CallFilter, expected: list[str]) -> None:
     store.write_calls(
         [
             record(
@@ -290,7 +367,7 @@ def test_call_filters_select_the_rows_they_name(
         ]
     )
     assert [row[13] for row in store.iter_calls(where)] == expected
-    assert store.count_calls(where) == len(expected)
+    assert count(store, where) == len(expected)
 
 
 # -- many writers -------------------------------------------------------------------------------
@@ -314,12 +391,15 @@ print(writer.written, writer.spilled, writer.recovered)
 """
 
 
-def test_twenty_processes_writing_one_store_at_once_lose_no_row(db_path: Path) -> None:
+def test_twenty_processes_opening_and_writing_one_new_store_at_once_lose_no_row(
+    backend: Backend, tmp_path: Path
+) -> None:
+    # The store does not exist yet: the twenty also race to create it (apply the migrations).
     workers, rows_each = 20, 150
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCPMETER_")}
+    env = subprocess_env(backend, tmp_path)
     procs = [
         subprocess.Popen(
-            [PYTHON, "-c", WRITER_SCRIPT, str(db_path), str(w), str(rows_each)],
+            [PYTHON, "-c", WRITER_SCRIPT, backend.location, str(w), str(rows_each)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -347,17 +427,19 @@ def test_twenty_processes_writing_one_store_at_once_lose_no_row(db_path: Path) -
     assert [(code, out.split(), err) for code, out, err in results] == [
         (0, [str(rows_each).encode(), b"0", b"0"], b"")
     ] * workers
-    rows = read_rows(db_path)
+    rows = backend.rows()
     assert len(rows) == workers * rows_each
     per_worker: dict[object, set[object]] = {}
     for row in rows:
         per_worker.setdefault(row["session_id"], set()).add(row["jsonrpc_id"])
     assert per_worker == {f"worker-{w}": {str(i) for i in range(rows_each)} for w in range(workers)}
-    verified = subprocess.run([MCPMETER, "verify", "--db", str(db_path)], capture_output=True, timeout=60)
+    verified = subprocess.run(
+        [MCPMETER, "verify", "--db", backend.location], capture_output=True, timeout=60, env=env
+    )
     assert verified.returncode == 0, verified.stdout  # twenty writers, one intact chain
-    spill = spill_path_for(str(db_path))
+    spill = spill_path_for(backend.location)
     assert spill is not None and not spill.exists()
-    again = SQLiteStore(str(db_path))
+    again = backend.open()
     try:
         assert again.schema_versions() == [(m.version, m.name) for m in MIGRATIONS]
     finally:
@@ -375,10 +457,12 @@ for line in sys.stdin:
 """
 
 
-def test_twenty_wrap_processes_relaying_at_once_into_one_store_record_every_call(
-    db_path: Path, meter_env: dict[str, str]
+def test_many_wrap_processes_relaying_at_once_into_one_store_record_every_call_in_one_chain(
+    backend: Backend, tmp_path: Path
 ) -> None:
-    workers, calls_each = 20, 40
+    # Twenty on SQLite; ten on Postgres (one database shared by a fleet's proxies).
+    workers, calls_each = {"sqlite": 20, "postgres": 10}[backend.kind], 40
+    meter_env = subprocess_env(backend, tmp_path)
     requests = b"".join(
         b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"t%d"}}\n' % (i, i)
         for i in range(calls_each)
@@ -410,7 +494,7 @@ def test_twenty_wrap_processes_relaying_at_once_into_one_store_record_every_call
                 p.kill()
                 p.communicate()
     assert results == [(0, calls_each, b"")] * workers
-    rows = read_rows(db_path)
+    rows = backend.rows()
     assert len(rows) == workers * calls_each
     assert {row["status"] for row in rows} == {"ok"}
     per_session: dict[object, list[object]] = {}
@@ -419,6 +503,9 @@ def test_twenty_wrap_processes_relaying_at_once_into_one_store_record_every_call
     assert {k: sorted(v, key=str) for k, v in per_session.items()} == {
         f"wrap-{w}": sorted((f"t{i}" for i in range(calls_each)), key=str) for w in range(workers)
     }
+    verified = subprocess.run([MCPMETER, "verify"], capture_output=True, timeout=60, env=meter_env)
+    expected = f"ok: {workers * calls_each} rows (ids {rows[0]['id']}..{rows[-1]['id']}), hash chain intact\n"
+    assert (verified.returncode, verified.stdout.decode()) == (0, expected)
 
 
 # -- the spill file -----------------------------------------------------------------------------
@@ -428,9 +515,19 @@ def writer_for(location: str, **kwargs: Any) -> AuditWriter:
     return AuditWriter(lambda: open_store(location), spill_path=spill_path_for(location), **kwargs)
 
 
-def test_the_spill_file_sits_beside_a_sqlite_store_and_there_is_none_for_a_url() -> None:
+def test_the_spill_file_sits_beside_a_sqlite_store_and_under_the_data_home_for_a_postgres_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     assert spill_path_for("/var/lib/mcpmeter/audit.db") == Path("/var/lib/mcpmeter/audit.db.spill.jsonl")
-    assert spill_path_for("postgresql://db.internal/mcpmeter") is None
+    home = tmp_path / "mcpmeter"
+    assert spill_path_for("postgresql://db.internal/mcpmeter") == home / "spill-db.internal-mcpmeter.jsonl"
+    assert spill_path_for("postgresql://me:pw@db.internal:6432/audit?sslmode=require") == (
+        home / "spill-db.internal-6432-audit.jsonl"
+    )
+    assert spill_path_for("postgres://10.0.0.5/audit?options=-csearch_path%3Dmeter") == (
+        home / "spill-10.0.0.5-audit-meter.jsonl"
+    )
 
 
 def test_rows_a_store_cannot_take_go_to_the_spill_file_and_the_next_writer_loads_them_back(
@@ -472,30 +569,104 @@ def test_rows_a_store_cannot_take_go_to_the_spill_file_and_the_next_writer_loads
 
 
 def test_rows_written_while_another_process_holds_the_store_locked_are_spilled_not_lost(
-    db_path: Path,
+    backend: Backend,
 ) -> None:
-    SQLiteStore(str(db_path)).close()
-    spill = spill_path_for(str(db_path))
+    backend.open().close()
+    spill = spill_path_for(backend.location)
     assert spill is not None
-    lock = sqlite3.connect(db_path, isolation_level=None)
-    try:
-        lock.execute("BEGIN IMMEDIATE")  # holds the write lock until ROLLBACK
-        busy = AuditWriter(
-            lambda: SQLiteStore(str(db_path), busy_timeout=0.05), spill_path=spill, interval=0.01
-        ).start()
+
+    def impatient() -> Store:
+        if backend.kind == "sqlite":
+            return SQLiteStore(backend.location, busy_timeout=0.05)
+        from mcpmeter.store.postgres import PostgresStore
+
+        return PostgresStore(backend.location, lock_timeout=0.05)
+
+    with backend.write_lock_held():
+        busy = AuditWriter(impatient, spill_path=spill, interval=0.01).start()
         for i in range(3):
             busy.put(record(jsonrpc_id=str(i)))
         busy.close()
         assert (busy.written, busy.spilled) == (0, 3)
-    finally:
-        lock.execute("ROLLBACK")
-        lock.close()
 
-    healed = writer_for(str(db_path)).start()
+    healed = writer_for(backend.location).start()
     healed.close()
     assert healed.recovered == 3
-    assert [row["jsonrpc_id"] for row in read_rows(db_path)] == ["0", "1", "2"]
+    assert [row["jsonrpc_id"] for row in backend.rows()] == ["0", "1", "2"]
     assert not spill.exists()
+
+
+def wait_for(condition: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        time.sleep(0.01)  # the poll period, not a synchronisation
+
+
+def test_a_postgres_server_that_drops_the_writer_gets_its_rows_later_and_the_chain_holds(
+    pg: Backend, tmp_path: Path
+) -> None:
+    spill = spill_path_for(pg.location)
+    assert spill is not None and spill.is_relative_to(tmp_path)
+    writer = writer_for(pg.location, interval=0.01).start()
+    try:
+        for i in range(5):
+            writer.put(record(jsonrpc_id=f"before-{i}"))
+        wait_for(lambda: writer.written == 5, "the first rows written")
+
+        assert pg.end_connections() == 1  # the server ends the writer's connection
+        for i in range(5):
+            writer.put(record(jsonrpc_id=f"during-{i}"))
+        wait_for(lambda: writer.spilled > 0, "rows spilled once the connection is gone")
+
+        for i in range(5):
+            writer.put(record(jsonrpc_id=f"after-{i}"))
+        wait_for(lambda: writer.written + writer.recovered == 15, "reconnected, spill loaded back")
+    finally:
+        writer.close()
+    assert writer.recovered == writer.spilled > 0
+    assert not spill.exists()
+    ids = [row["jsonrpc_id"] for row in pg.rows()]
+    assert sorted(ids) == sorted(f"{when}-{i}" for when in ("before", "during", "after") for i in range(5))
+    assert ids[:5] == [f"before-{i}" for i in range(5)]
+    verified = subprocess.run([MCPMETER, "verify", "--db", pg.location], capture_output=True, timeout=60)
+    assert verified.returncode == 0
+    assert re.fullmatch(r"ok: 15 rows \(ids 1\.\.\d+\), hash chain intact\n", verified.stdout.decode())
+
+
+def test_a_postgres_store_reconnects_on_the_next_call_after_its_connection_is_ended(
+    pg: Backend,
+) -> None:
+    store = pg.open()
+    try:
+        store.write_calls([record(jsonrpc_id="1")])
+        assert pg.end_connections() == 1
+        with pytest.raises(StoreError, match=r"^cannot write to store postgresql://") as caught:
+            store.write_calls([record(jsonrpc_id="lost")])
+        assert "\n" not in str(caught.value)
+        store.write_calls([record(jsonrpc_id="2")])  # a new connection
+        assert [row[13] for row in store.iter_calls(CallFilter())] == ["1", "2"]
+    finally:
+        store.close()
+
+
+def test_while_postgres_refuses_it_the_store_fails_fast_until_its_back_off_ends(pg: Backend) -> None:
+    with pg.own_role() as location:
+        store = open_store(location)
+        try:
+            store.write_calls([record(jsonrpc_id="1")])
+            pg.sql(f"ALTER ROLE {pg.schema} NOLOGIN")  # the server refuses it from now on
+            assert pg.end_connections() == 1
+            with pytest.raises(StoreError, match=r"^cannot write to store"):
+                store.write_calls([record(jsonrpc_id="lost")])  # the connection was lost
+            with pytest.raises(StoreError, match=r"^cannot connect to store"):
+                store.write_calls([record(jsonrpc_id="lost")])  # one attempt to reconnect
+            with pytest.raises(StoreError, match=r"is unreachable; next attempt in 0\.\d s$"):
+                store.write_calls([record(jsonrpc_id="lost")])  # then none until the back-off ends
+        finally:
+            store.close()
+        assert [row["jsonrpc_id"] for row in pg.rows()] == ["1"]
 
 
 def test_with_neither_store_nor_spill_file_writable_the_writer_warns_and_does_not_raise(

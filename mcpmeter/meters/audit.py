@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 
@@ -34,10 +36,27 @@ DEFAULT_MAX_BATCH = 2000
 
 
 def spill_path_for(location: str) -> Path | None:
-    """The spill file beside a SQLite store (``audit.db`` -> ``audit.db.spill.jsonl``)."""
-    if "://" in location:
-        return None
-    return Path(location + ".spill.jsonl")
+    """Where rows go while the store cannot take them.
+
+    Beside a SQLite store (``audit.db`` -> ``audit.db.spill.jsonl``); for a Postgres URL, a
+    file under ``$XDG_DATA_HOME/mcpmeter/`` named after the server and database,
+    ``spill-<host>[-<port>]-<db>[-<schema>].jsonl`` (the schema when the URL's ``options`` set a
+    ``search_path``), so every process writing that database on this host shares it.
+    """
+    if "://" not in location:
+        return Path(location + ".spill.jsonl")
+    from mcpmeter.store import default_db
+
+    url = urlsplit(location)
+    query = parse_qs(url.query)
+    host = url.hostname or (query.get("host") or ["localhost"])[0]
+    port = "" if url.port in (None, 5432) else str(url.port)
+    parts = [host, port, url.path.lstrip("/") or url.username or ""]
+    found = re.search(r"search_path\s*=\s*([^\s,]+)", " ".join(query.get("options", [])))
+    if found:
+        parts.append(found.group(1))
+    name = "-".join(re.sub(r"[^A-Za-z0-9._]+", "_", part) for part in parts if part)
+    return Path(default_db()).parent / f"spill-{name}.jsonl"
 
 
 class AuditWriter:
@@ -51,7 +70,13 @@ class AuditWriter:
         interval: float = DEFAULT_INTERVAL_S,
         max_batch: int = DEFAULT_MAX_BATCH,
         pricer: Callable[[Store], Pricer] | None = None,
+        on_tick: Callable[[Store], None] | None = None,
+        on_unavailable: Callable[[], None] | None = None,
+        after_write: Callable[[Store, Sequence[CallRecord]], None] | None = None,
     ) -> None:
+        self._on_tick = on_tick
+        self._on_unavailable = on_unavailable
+        self._after_write = after_write
         self._open_store = open_store
         self._pricer_factory = pricer
         self._price: Pricer | None = None
@@ -88,16 +113,33 @@ class AuditWriter:
     def _run(self) -> None:
         self._connect()
         while not self._stop.wait(self._interval):
+            self._tick()
             self._drain()
         self._drain()
+
+    def _tick(self) -> None:
+        """Periodic work for others that needs the store (budgets read which apply)."""
+        if self._on_tick is None:
+            return
+        if self._store is None:
+            if self._on_unavailable is not None:
+                self._on_unavailable()
+            return
+        try:
+            self._on_tick(self._store)
+        except Exception as exc:
+            warn_once("tick", f"store check failed: {exc}")
 
     def _connect(self) -> None:
         try:
             self._store = self._open_store()
         except MeterError as exc:
             warn_once("store-open", f"{exc}; rows go to the spill file until it can be written")
+            if self._on_unavailable is not None:
+                self._on_unavailable()
             return
         self._recover_spill()
+        self._tick()
 
     def _drain(self) -> None:
         queue = self._queue
@@ -126,6 +168,11 @@ class AuditWriter:
             warn_once("store-write", f"cannot write to store {self._store.location}: {exc}; spilling rows")
             self._spill(batch)
             return
+        if self._after_write is not None:
+            try:
+                self._after_write(self._store, batch)
+            except Exception as exc:
+                warn_once("after-write", f"cannot settle budgets: {exc}")
         if self._needs_recovery:  # the store is back: load what this process spilled
             self._recover_spill()
 
@@ -150,6 +197,7 @@ class AuditWriter:
         encode = msgspec.json.encode
         data = b"".join(encode(record) + b"\n" for record in batch)
         try:
+            self._spill_path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self._spill_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             try:
                 os.write(fd, data)

@@ -454,6 +454,12 @@ class CallMeter:
                     self.peers.server_version = _text(info.get("version"))
         self._emit(p, latency_ms, size, status, None, None)
 
+    def on_refused(self, direction: str, rpc_id: object, answer_bytes: int, seen: float) -> None:
+        """The proxy answered request ``rpc_id`` itself (a budget or the loop guard)."""
+        p = self._pending.pop((direction, rpc_id), None) if _valid_id(rpc_id) else None
+        if p is not None:
+            self._emit(p, (seen - p.seen) * 1000.0, answer_bytes, "rejected", None, None)
+
     def _on_initialize_result(self, result: Result) -> None:
         info = result.serverInfo
         if isinstance(info, dict):

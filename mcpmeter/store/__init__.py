@@ -9,7 +9,7 @@ from mcpmeter.errors import UsageError
 from mcpmeter.store.base import CallFilter, Store
 from mcpmeter.store.sqlite import SQLiteStore
 
-__all__ = ["CallFilter", "SQLiteStore", "Store", "default_db", "open_store", "resolve_db"]
+__all__ = ["CallFilter", "SQLiteStore", "Store", "default_db", "is_url", "open_store", "resolve_db"]
 
 
 def default_db() -> str:
@@ -25,6 +25,17 @@ def resolve_db(db: str | None) -> str:
 
 def open_store(location: str, *, create: bool = True) -> Store:
     """Open (and migrate) the store at ``location``: a SQLite path or a ``postgresql://`` URL."""
-    if location.startswith(("postgresql://", "postgres://")):
-        raise UsageError("the Postgres store is not available in this version; use a SQLite path")
+    if is_url(location):
+        try:
+            from mcpmeter.store.postgres import PostgresStore
+        except ImportError as exc:
+            raise UsageError(
+                f"a postgresql:// store needs psycopg ({exc}): pip install 'mcpmeter[postgres]'"
+            ) from exc
+        return PostgresStore(location, create=create)
     return SQLiteStore(location, create=create)
+
+
+def is_url(location: str) -> bool:
+    """Whether ``location`` names a Postgres database (else it is a SQLite path)."""
+    return location.startswith(("postgresql://", "postgres://"))

@@ -47,7 +47,10 @@ class Store(Protocol):
     """A place rows are written to (by one writer per process) and read from.
 
     Query modules use :meth:`query`, :meth:`execute` and :meth:`transaction` with SQL that
-    both engines run (``?`` placeholders); ``dialect`` names the engine where they differ.
+    both engines run (``?`` placeholders: a bare ``?`` is always a parameter; Postgres gets
+    ``%s``, see :func:`mcpmeter.store.postgres.translate`); ``dialect`` (``"sqlite"`` or
+    ``"postgres"``) names the engine where they differ. A :meth:`transaction` is serialised
+    with every other store's transaction on both engines: read-then-write inside one is safe.
     """
 
     location: str
