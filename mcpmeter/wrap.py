@@ -20,15 +20,17 @@ from collections.abc import Callable
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from mcpmeter.budget import Budget, BudgetGate
 from mcpmeter.errors import MeterError
 from mcpmeter.log import verbose, warn
 from mcpmeter.meters.audit import AuditWriter, Pricer, spill_path_for
 from mcpmeter.meters.calls import C2S, S2C, CallMeter
-from mcpmeter.relay import FdEndpoint, Pump, Tap
+from mcpmeter.relay import ClientWriter, FdEndpoint, Gate, Pump, Tap
 from mcpmeter.tags import Tenant
 from mcpmeter.transports.stdio import ServerProcess, exit_status
 
 if TYPE_CHECKING:
+    from mcpmeter.alerts import WebhookAlerter
     from mcpmeter.store.base import Store
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -45,6 +47,11 @@ class WrapOptions(NamedTuple):
     db: str | None = None
     kill_after: float = 5.0
     record_args: bool = False
+    #: Budgets from the flags (``--budget``, ``--max-calls``); stored ones are read too.
+    budgets: tuple[Budget, ...] = ()
+    max_repeat: int | None = None
+    reject_as: str = "tool-error"
+    alert_webhook: str | None = None
 
 
 def run_wrap(options: WrapOptions) -> int:
@@ -61,7 +68,23 @@ def run_wrap(options: WrapOptions) -> int:
 
     # The relay's threads must not wait long for the GIL while the writer holds it.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    writer = start_audit_writer(options.db)
+    # Our stdout: the server's frames, and between them any answer the proxy gives itself.
+    client_out = ClientWriter(FdEndpoint(1))
+    alerter = _alerter(options.alert_webhook)
+    meter: CallMeter | None = None
+    gate = BudgetGate(
+        _store_opener(resolve_db(options.db)),
+        options.tenant,
+        inject=client_out.inject,
+        budgets=options.budgets,
+        max_repeat=options.max_repeat,
+        reject_as=options.reject_as,
+        server_name=lambda: meter.peers.server_name if meter is not None else None,
+        alert=alerter,
+    )
+    writer = start_audit_writer(
+        options.db, on_tick=gate.refresh, on_unavailable=gate.unavailable, after_write=gate.settle
+    )
     meter = CallMeter(
         options.tenant,
         writer.put,
@@ -71,11 +94,14 @@ def run_wrap(options: WrapOptions) -> int:
         record_args=options.record_args,
     )
     try:
-        return _relay(server, meter, options.kill_after)
+        return _relay(server, meter, options.kill_after, gate, client_out)
     finally:
         with meter.lock:  # stdin may still be open: its pump could be metering
             meter.close()
         writer.close()
+        gate.close()
+        if alerter is not None:
+            alerter.close()
         if verbose():
             s = meter.stats
             warn(
@@ -89,12 +115,20 @@ def run_wrap(options: WrapOptions) -> int:
 def start_audit_writer(db: str | None, **hooks: Any) -> AuditWriter:
     """The audit writer for the store ``db`` names (or the default), started.
 
-    ``hooks`` are passed on to the AuditWriter.
+    ``hooks`` are the AuditWriter's ``on_tick``/``on_unavailable``/``after_write``.
     """
     location = resolve_db(db)
     return AuditWriter(
         _store_opener(location), spill_path=spill_path_for(location), pricer=_tool_pricer, **hooks
     ).start()
+
+
+def _alerter(url: str | None) -> WebhookAlerter | None:
+    if url is None:
+        return None
+    from mcpmeter.alerts import WebhookAlerter
+
+    return WebhookAlerter(url)
 
 
 def resolve_db(db: str | None) -> str:
@@ -123,12 +157,15 @@ def _tool_pricer(store: Store) -> Pricer:
     return tool_pricer(store)
 
 
-def _relay(server: ServerProcess, meter: CallMeter, kill_after: float) -> int:
+def _relay(
+    server: ServerProcess, meter: CallMeter, kill_after: float, gate: Gate, client_out: ClientWriter
+) -> int:
     assert server.stdin is not None and server.stdout is not None
     lock = meter.lock
     c2s = Pump("c2s", FdEndpoint(0), server.stdin, Tap(C2S, meter), lock, on_eof=server.close_stdin)
+    c2s.gate = gate
     # The client stopped reading our stdout: the session is over, tell the server so.
-    s2c = Pump("s2c", server.stdout, FdEndpoint(1), Tap(S2C, meter), lock, on_sink_lost=server.close_stdin)
+    s2c = Pump("s2c", server.stdout, client_out, Tap(S2C, meter), lock, on_sink_lost=server.close_stdin)
     kill_timer: threading.Timer | None = None
 
     def forward(sig: int, frame: FrameType | None) -> None:
@@ -145,6 +182,7 @@ def _relay(server: ServerProcess, meter: CallMeter, kill_after: float) -> int:
         s2c.start()
         returncode = server.wait()
         _drain(s2c)
+        client_out.flush()
         server.reap_group(kill_after)
         return exit_status(returncode)
     finally:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, NoReturn
 from mcpmeter.errors import UsageError
 
 if TYPE_CHECKING:
+    from mcpmeter.budget import Budget
     from mcpmeter.tags import Tenant
 
 DESCRIPTION = (
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also store a redacted copy of tool arguments (secrets masked; off by default)",
     )
+    _add_budget_options(parser)
     add("--url", help="a remote MCP server (streamable HTTP or HTTP+SSE) instead of CMD")
     add(
         "--transport",
@@ -109,6 +111,85 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_budget_options(parser: argparse.ArgumentParser) -> None:
+    budgets = parser.add_argument_group("budgets (see also: mcpmeter budget set)")
+    add = budgets.add_argument
+    add("--budget", type=float, metavar="USD", help="refuse tool calls once this many dollars are spent")
+    add(
+        "--budget-scope",
+        choices=("project", "agent", "session"),
+        default="session",
+        help="whose spend --budget/--max-calls cap (default session)",
+    )
+    add(
+        "--budget-window",
+        choices=("day", "month", "total"),
+        default="total",
+        help="the window the cap applies to, in UTC (default total)",
+    )
+    add("--max-calls", type=int, metavar="N", help="refuse tool calls after N in the window")
+    add(
+        "--budget-includes-llm",
+        action="store_true",
+        help="LLM spend from the ledger (same scope and window) counts against --budget too",
+    )
+    add(
+        "--warn-at", type=float, default=0.8, metavar="FRACTION", help="warn at this share used (default 0.8)"
+    )
+    add(
+        "--alert-webhook", metavar="URL", help="POST budget warnings here (JSON with a Slack-compatible text)"
+    )
+    add(
+        "--reject-as",
+        choices=("tool-error", "jsonrpc-error"),
+        default="tool-error",
+        help="answer a refused call with an isError result (default) or a JSON-RPC error -31402",
+    )
+    add("--max-repeat", type=int, metavar="N", help="refuse the N+1th identical tools/call of a session")
+
+
+def _budgets(options: argparse.Namespace, tenant: Tenant) -> tuple[Budget, ...]:
+    from mcpmeter.budget import Budget, subject_of
+
+    if options.budget is None and options.max_calls is None:
+        return ()
+    subject = subject_of(options.budget_scope, tenant)
+    if subject is None:
+        flag = "--project" if options.budget_scope == "project" else "--agent"
+        raise UsageError(f"wrap: --budget-scope {options.budget_scope} needs {flag} (or its env var)")
+    return (
+        Budget(
+            options.budget_scope,
+            subject,
+            options.budget_window,
+            options.budget,
+            options.max_calls,
+            options.budget_includes_llm,
+            options.warn_at,
+        ),
+    )
+
+
+def _check_budget_options(options: argparse.Namespace) -> None:
+    if options.budget is not None and options.budget < 0:
+        raise UsageError("wrap: --budget must be zero or more dollars")
+    for name, value in (("--max-calls", options.max_calls), ("--max-repeat", options.max_repeat)):
+        if value is not None and value < 0:
+            raise UsageError(f"wrap: {name} must be zero or more")
+    if not 0 < options.warn_at <= 1:
+        raise UsageError("wrap: --warn-at is a fraction between 0 and 1")
+    gated = (
+        options.budget is not None
+        or options.max_calls is not None
+        or options.max_repeat is not None
+        or options.alert_webhook is not None
+    )
+    if gated and (options.url is not None or options.listen is not None):
+        raise UsageError(
+            "wrap: budget flags work with a stdio server command in this version, not --url/--listen"
+        )
+
+
 def main(args: list[str]) -> int:
     """Parse ``args`` (what follows ``wrap``), run the relay, return the exit code."""
     options = build_parser().parse_args(args)
@@ -116,6 +197,7 @@ def main(args: list[str]) -> int:
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     _check(options, cmd)
+    _check_budget_options(options)
 
     from mcpmeter.tags import resolve_tenant
 
@@ -148,6 +230,10 @@ def main(args: list[str]) -> int:
             db=options.db,
             kill_after=options.kill_after,
             record_args=options.record_args,
+            budgets=_budgets(options, tenant),
+            max_repeat=options.max_repeat,
+            reject_as=options.reject_as,
+            alert_webhook=options.alert_webhook,
         )
     )
 

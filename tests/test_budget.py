@@ -1,0 +1,305 @@
+"""Budgets that hold: shared through the store, atomic under concurrency, answered by the proxy."""
+
+from __future__ import annotations
+
+import calendar
+import json
+import sqlite3
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import anyio
+import pytest
+from conftest import MCPMETER, PYTHON, SERVERS, read_rows
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mcp import Client, StdioServerParameters
+
+from mcpmeter.budget import Budget, reserve, window
+from mcpmeter.store import SQLiteStore
+
+RAW = str(SERVERS / "raw_server.py")
+COUNTING = str(SERVERS / "counting_server.py")
+
+
+def call(rpc_id: int, name: str = "whoami", **arguments: Any) -> bytes:
+    frame = {
+        "jsonrpc": "2.0",
+        "id": rpc_id,
+        "method": "tools/call",
+        "params": {"name": name, "arguments": arguments},
+    }
+    return json.dumps(frame, separators=(",", ":")).encode() + b"\n"
+
+
+def run_raw(env: dict[str, str], frames: bytes, *options: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [MCPMETER, "wrap", *options, "--", PYTHON, RAW],
+        input=frames,
+        capture_output=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def answers(stdout: bytes) -> dict[Any, dict[str, Any]]:
+    return {m["id"]: m for m in (json.loads(line) for line in stdout.splitlines()) if "id" in m}
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([MCPMETER, *args], capture_output=True, env=env, timeout=60)
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[SQLiteStore]:
+    s = SQLiteStore(str(db_path))
+    yield s
+    s.close()
+
+
+def at(text: str) -> float:
+    return float(calendar.timegm(time.strptime(text, "%Y-%m-%dT%H:%M:%S")))
+
+
+# -- windows, with the clock injected --------------------------------------------------------
+
+
+def test_a_day_budget_spent_at_23_59_59_utc_is_fresh_again_at_midnight(store: SQLiteStore) -> None:
+    day = Budget("project", "acme", "day", limit_calls=1)
+    assert reserve(store, [day], 0.0, at("2026-11-22T23:59:59"))[0] is None
+    refused, _ = reserve(store, [day], 0.0, at("2026-11-22T23:59:59"))
+    assert refused is not None and refused.data["resets_at"] == "2026-11-23T00:00:00.000000Z"
+    assert reserve(store, [day], 0.0, at("2026-11-23T00:00:00"))[0] is None
+
+
+def test_month_and_total_windows_start_and_reset_where_they_should() -> None:
+    assert window("month", at("2026-12-31T23:59:59")) == (
+        "2026-12-01T00:00:00.000000Z",
+        "2027-01-01T00:00:00.000000Z",
+    )
+    assert window("total", at("2026-12-31T23:59:59")) == ("total", None)
+
+
+def test_a_dollar_budget_refuses_the_call_that_would_take_it_past_its_limit(store: SQLiteStore) -> None:
+    budget = Budget("agent", "bot", "total", limit_usd=0.05)
+    results = [reserve(store, [budget], 0.02, 0.0)[0] for _ in range(4)]
+    assert [r is None for r in results] == [True, True, False, False]
+    assert results[2] is not None and "$0.0400 of $0.0500" in results[2].reason
+
+
+# -- the proxy answers refused calls itself --------------------------------------------------
+
+
+def test_a_refused_call_reaches_the_sdk_client_as_a_tool_error_and_never_reaches_the_server(
+    meter_env: dict[str, str], db_path: Path, tmp_path: Path
+) -> None:
+    counts = tmp_path / "counts.txt"
+
+    async def main() -> list[tuple[bool, str]]:
+        params = StdioServerParameters(
+            command=MCPMETER,
+            args=["wrap", "--max-calls", "2", "--", PYTHON, COUNTING, str(counts)],
+            env=meter_env,
+        )
+        out = []
+        with anyio.fail_after(60):
+            async with Client(params, mode="legacy") as client:
+                for i in range(4):
+                    result = await client.call_tool("lookup", {"query": f"q{i}"})
+                    text = result.content[0].text  # type: ignore[union-attr]
+                    out.append((result.is_error, text))
+        return out
+
+    results = anyio.run(main)
+    assert [error for error, _ in results] == [False, False, True, True]
+    assert "Budget exhausted" in results[2][1] and "2 of 2 calls" in results[2][1]
+    assert counts.read_text().split() == ["q0", "q1"]  # the server ran only what was allowed
+    calls = [r for r in read_rows(db_path) if r["method"] == "tools/call"]
+    assert [r["status"] for r in calls] == ["ok", "ok", "rejected", "rejected"]
+
+
+def test_reject_as_jsonrpc_error_answers_code_31402_with_the_budget_in_data(
+    meter_env: dict[str, str],
+) -> None:
+    result = run_raw(meter_env, call(1) + call(2), "--max-calls", "1", "--reject-as", "jsonrpc-error")
+    got = answers(result.stdout)
+    assert "result" in got[1]
+    error = got[2]["error"]
+    assert error["code"] == -31402
+    assert error["data"]["limit_calls"] == 1 and error["data"]["scope"] == "session"
+
+
+def test_methods_other_than_tools_call_are_never_refused(meter_env: dict[str, str], db_path: Path) -> None:
+    frames = (
+        b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}\n'
+        b'{"jsonrpc":"2.0","id":2,"method":"ping"}\n' + call(3)
+    )
+    result = run_raw(meter_env, frames, "--max-calls", "0")
+    got = answers(result.stdout)
+    assert "result" in got[1] and "result" in got[2] and got[3]["result"]["isError"] is True
+    assert {r["method"]: r["status"] for r in read_rows(db_path)} == {
+        "initialize": "ok",
+        "ping": "ok",
+        "tools/call": "rejected",
+    }
+
+
+def test_the_loop_guard_refuses_the_call_after_n_identical_ones_and_not_a_different_one(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    frames = call(1, q="a") + call(2, q="a") + call(3, q="a") + call(4, q="b")
+    result = run_raw(meter_env, frames, "--max-repeat", "2")
+    got = answers(result.stdout)
+    assert [
+        ("isError" in got[i].get("result", {}) and got[i]["result"]["isError"]) for i in (1, 2, 3, 4)
+    ] == [
+        False,
+        False,
+        True,
+        False,
+    ]
+    assert "Loop guard" in got[3]["result"]["content"][0]["text"]
+
+
+def test_a_budget_set_in_the_store_applies_to_every_wrap_on_it(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    assert cli("budget", "set", "--project", "acme", "--calls", "3", "--db", str(db_path)).returncode == 0
+    env = {**meter_env, "MCPMETER_PROJECT_ID": "acme"}
+    first = answers(run_raw(env, call(1) + call(2), "--session", "one").stdout)
+    second = answers(run_raw(env, call(1) + call(2), "--session", "two").stdout)
+    assert [first[1]["result"].get("isError"), first[2]["result"].get("isError")] == [None, None]
+    assert [second[1]["result"].get("isError"), second[2]["result"].get("isError")] == [None, True]
+    other = answers(run_raw({**meter_env, "MCPMETER_PROJECT_ID": "globex"}, call(1)).stdout)
+    assert other[1]["result"].get("isError") is None
+
+
+# -- many proxies, one budget ----------------------------------------------------------------
+
+
+def test_twenty_concurrent_wraps_never_overspend_one_project_budget(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    price, limit = 0.01, 0.50
+    assert cli("prices", "set", "tool", "*/*", "--per-call", str(price), "--db", str(db_path)).returncode == 0
+    assert (
+        cli("budget", "set", "--project", "acme", "--usd", str(limit), "--db", str(db_path)).returncode == 0
+    )
+    env = {**meter_env, "MCPMETER_PROJECT_ID": "acme"}
+    frames = b"".join(call(i) for i in range(10))
+    procs = [
+        subprocess.Popen(
+            [MCPMETER, "wrap", "--session", f"w{w}", "--", PYTHON, RAW],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+        )
+        for w in range(20)
+    ]
+    refused = 0
+    for p in procs:
+        out, _ = p.communicate(frames, timeout=120)
+        assert p.returncode == 0
+        refused += sum(1 for m in answers(out).values() if m.get("result", {}).get("isError"))
+    rows = [r for r in read_rows(db_path) if r["method"] == "tools/call"]
+    allowed = [r for r in rows if r["status"] == "ok"]
+    assert len(rows) == 200
+    assert sum(1 for r in rows if r["status"] == "rejected") == refused == 200 - len(allowed)
+    spent = sum(float(r["cost_usd"]) for r in allowed)  # type: ignore[arg-type]
+    assert limit - price - 1e-9 <= spent <= limit + 1e-9  # within one call's price, never over
+    con = sqlite3.connect(db_path)
+    (stored,) = con.execute("SELECT spent_usd FROM budget_spend WHERE scope = 'project'").fetchone()
+    con.close()
+    assert stored == pytest.approx(spent)
+
+
+# -- warnings ---------------------------------------------------------------------------------
+
+
+class _Hook(BaseHTTPRequestHandler):
+    received: ClassVar[list[dict[str, Any]]] = []
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        _Hook.received.append(json.loads(body))
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_at_80_percent_one_warning_goes_to_stderr_the_store_and_the_webhook(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    server = HTTPServer(("127.0.0.1", 0), _Hook)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/hook"
+        frames = b"".join(call(i) for i in range(10))
+        result = run_raw(meter_env, frames, "--max-calls", "10", "--alert-webhook", url, "--agent", "bot")
+    finally:
+        server.shutdown()
+        server.server_close()
+    warnings = [line for line in result.stderr.decode().splitlines() if "budget warning" in line]
+    assert len(warnings) == 1 and "80%" in warnings[0]
+    con = sqlite3.connect(db_path)
+    events = con.execute("SELECT kind, calls FROM budget_events").fetchall()
+    con.close()
+    assert events == [("warning", 8)]
+    assert len(_Hook.received) == 1 and "budget warning" in _Hook.received[0]["text"]
+
+
+def test_budget_show_lists_limits_spend_and_reset_and_reset_starts_over(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    cli("budget", "set", "--agent", "bot", "--usd", "2", "--window", "day", "--db", str(db_path))
+    run_raw({**meter_env, "MCPMETER_AGENT_ID": "bot"}, call(1))
+    shown = json.loads(cli("budget", "show", "--format", "json", "--db", str(db_path)).stdout)
+    assert [(b["scope"], b["subject"], b["window"], b["limit_usd"], b["calls"]) for b in shown] == [
+        ("agent", "bot", "day", 2.0, 1)
+    ]
+    assert shown[0]["resets_at"].endswith("T00:00:00.000000Z")
+    assert cli("budget", "reset", "--agent", "bot", "--db", str(db_path)).returncode == 0
+    assert json.loads(cli("budget", "show", "--format", "json", "--db", str(db_path)).stdout)[0]["calls"] == 0
+
+
+def test_budget_commands_say_what_is_wrong_in_one_line(db_path: Path) -> None:
+    result = cli("budget", "set", "--usd", "1", "--db", str(db_path))
+    assert result.returncode == 2 and result.stderr.count(b"\n") == 1
+
+
+# -- the gate never changes a byte it lets through -------------------------------------------
+
+FRAME = st.one_of(
+    st.builds(lambda i, q: call(i, q=q)[:-1], st.integers(0, 10**6), st.text(max_size=30)),
+    st.binary(max_size=200).map(lambda b: b.replace(b"\n", b"")),
+    st.just(b'{"jsonrpc":"2.0","id":7,"method":"tools/call"'),  # unfinished JSON
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(frames=st.lists(FRAME, max_size=12), chunk=st.integers(1, 97), crlf=st.booleans())
+def test_with_the_gate_active_allowed_frames_reach_the_server_byte_for_byte(
+    meter_env: dict[str, str], frames: list[bytes], chunk: int, crlf: bool
+) -> None:
+    data = b"".join(f + (b"\r\n" if crlf else b"\n") for f in frames)
+    proc = subprocess.Popen(
+        [MCPMETER, "wrap", "--max-repeat", "1000000", "--", "cat"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=meter_env,
+    )
+    assert proc.stdin is not None
+    for start in range(0, len(data), chunk):
+        proc.stdin.write(data[start : start + chunk])
+        proc.stdin.flush()
+    out, _ = proc.communicate(timeout=60)
+    assert out == data
