@@ -32,6 +32,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/relay_bench.py
 	$(BIN)/python benchmarks/store_bench.py
+	$(BIN)/python benchmarks/budget_bench.py
 
 # The frame parser under libFuzzer (atheris); new corpus entries go to .fuzz-corpus/.
 fuzz: $(STAMP)
