@@ -294,14 +294,13 @@ def test_a_poller_starts_at_since_else_at_the_end_when_following_new_rows(store:
     assert everything.done
 
 
-def test_budgets_are_read_only_once_the_store_has_a_budget_status_table(store: SQLiteStore) -> None:
-    assert read_budgets(store) == (None, None)
+def test_budgets_panel_reads_each_budgets_current_spend_and_limit_from_the_store(store: SQLiteStore) -> None:
+    assert read_budgets(store) == ([], None)
     with store.transaction():
         store.execute(
-            "CREATE TABLE budget_status (scope TEXT, subject TEXT, period TEXT, spent REAL,"
-            " limit_value REAL, unit TEXT)"
+            "INSERT INTO budget_spend (scope, subject, period, period_start, spent_usd, calls, limit_usd)"
+            " VALUES ('agent', 'triage', 'day', '2026-11-22T00:00:00.000000Z', 8.5, 3, 10)"
         )
-        store.execute("INSERT INTO budget_status VALUES ('agent', 'triage', 'day', 8.5, 10, 'usd')")
     assert read_budgets(store) == ([BudgetStatus("agent", "triage", "day", 8.5, 10.0, "usd")], None)
 
 
