@@ -131,6 +131,7 @@ async def listening(
                 await _stop(process)
         finally:
             await _stop(process)
+    assert b"Traceback" not in running.stderr, running.stderr.decode()
 
 
 @asynccontextmanager
@@ -434,6 +435,83 @@ async def test_the_sdk_client_over_the_older_sse_transport_through_listen_gets_w
     assert [r["method"] for r in rows] == ["initialize", "tools/list", *["tools/call"] * len(DEMO_CALLS)]
     assert {(r["transport"], r["upstream"]) for r in rows} == {("sse", "stdio")}
     assert [r["status"] for r in rows if r["method"] == "tools/call"] == DEMO_STATUS
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_listen_in_front_of_a_remote_server_gives_the_sdk_client_what_the_server_gives_directly(
+    mode: str, meter_env: dict[str, str], db_path: Path
+) -> None:
+    async with demo_over_http("streamable-http") as url:
+        async with listening(meter_env, "--url", url) as (base, _):
+            through = await sdk_session(f"{base}/mcp", mode, DEMO_CALLS)
+        alone = await sdk_session(url, mode, DEMO_CALLS)
+
+    assert through == alone
+    rows = read_rows(db_path)
+    handshake = ["initialize"] if mode == "legacy" else []
+    assert [r["method"] for r in rows] == [*handshake, "tools/list", *["tools/call"] * len(DEMO_CALLS)]
+    assert {(r["transport"], r["upstream"], r["server"]) for r in rows} == {("http", "http", "demo-server")}
+    assert [r["status"] for r in rows if r["method"] == "tools/call"] == DEMO_STATUS
+
+
+async def test_frames_of_many_megabytes_cross_listen_and_url_both_ways(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    text = "x" * (6 << 20)  # past the 4 MiB body caps of common HTTP stacks
+    async with listening(meter_env, server=RAW) as (base, _), httpx.AsyncClient() as http:
+        session = RawSession(http, f"{base}/mcp")
+        await session.initialize()
+        echoed = await session.call(1, "echo", text=text)
+        big = dumps(
+            {
+                "jsonrpc": "2.0",
+                "id": 2,
+                "method": "tools/call",
+                "params": {"name": "echo", "arguments": {"text": text}},
+            }
+        )
+        await session.close()
+        async with demo_over_http("streamable-http") as url:
+            argv = [MCPMETER, "wrap", "--url", url]
+            async with await anyio.open_process(argv, env=meter_env) as process:
+                assert process.stdin is not None and process.stdout is not None
+                out = BufferedByteReceiveStream(process.stdout)
+                with anyio.fail_after(SESSION_S):
+                    for message in (
+                        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INIT},
+                        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                        {
+                            "jsonrpc": "2.0",
+                            "id": 2,
+                            "method": "tools/call",
+                            "params": {"name": "fetch_report", "arguments": {"kilobytes": 6 * 1024}},
+                        },
+                    ):
+                        await process.stdin.send(dumps(message) + b"\n")
+                    await out.receive_until(b"\n", 1 << 20)
+                    report = await out.receive_until(b"\n", 64 << 20)
+                    await process.stdin.aclose()
+                    assert await process.wait() == 0
+
+    assert echoed.json()["result"]["bytes"] == len(big)
+    assert json.loads(report)["result"]["content"][0]["text"].startswith("row,amount")
+    rows = {(r["upstream"], r["jsonrpc_id"], r["method"]): r for r in read_rows(db_path)}
+    assert rows["stdio", "1", "tools/call"]["request_bytes"] == len(big)
+    assert rows["http", "2", "tools/call"]["response_bytes"] == len(report) > 6 << 20
+
+
+async def test_an_http_sse_server_that_cannot_be_reached_is_one_line_and_exit_1(
+    meter_env: dict[str, str],
+) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/sse"
+    argv = [MCPMETER, "wrap", "--url", url, "--transport", "sse"]
+    with anyio.fail_after(EXIT_S):
+        done = await anyio.run_process(argv, env=meter_env, check=False, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1
+    (line,) = done.stderr.decode().splitlines()
+    assert line.startswith(f"mcpmeter: cannot open {url}")
 
 
 async def test_each_http_session_gets_its_own_server_process_and_session_id(

@@ -35,7 +35,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import NamedTuple
 from urllib.parse import urljoin, urlsplit
 
@@ -159,7 +159,7 @@ class HttpUpstream:
         self._sse_error: str | None = None
         self._listening = False
         self._closing = False
-        self._streams = anyio.CancelScope()  # the GET streams' tasks
+        self._streams: set[anyio.CancelScope] = set()  # one per GET stream task
         self._inflight = 0
         self._idle = anyio.Event()
         self._idle.set()
@@ -189,11 +189,24 @@ class HttpUpstream:
         if self._closing:
             return
         self._closing = True
-        self._streams.cancel()
+        self._cancel_streams()
         if self.session_id is not None and self.kind == "http":
             with anyio.move_on_after(CLOSE_TIMEOUT_S, shield=True), contextlib.suppress(httpx.HTTPError):
                 await self._client.delete(self.url, headers=self._base_headers())
         self.closed.set()
+
+    def _cancel_streams(self) -> None:
+        for scope in self._streams:
+            scope.cancel()
+
+    @contextlib.contextmanager
+    def _stream_scope(self) -> Iterator[None]:
+        with anyio.CancelScope() as scope:
+            self._streams.add(scope)
+            try:
+                yield
+            finally:
+                self._streams.discard(scope)
 
     # -- headers ---------------------------------------------------------------------------
 
@@ -354,7 +367,7 @@ class HttpUpstream:
 
     async def _listen(self) -> None:
         """The GET stream: what the server starts (requests, notifications), reconnected."""
-        with self._streams:
+        with self._stream_scope():
             failures = 0
             last_id: str | None = None
             retry_ms = DEFAULT_RETRY_MS
@@ -388,13 +401,13 @@ class HttpUpstream:
         with anyio.move_on_after(ENDPOINT_TIMEOUT_S):
             await ready.wait()
         if self._endpoint is None:
-            self._streams.cancel()
+            self._cancel_streams()
             raise UpstreamError(self._sse_error or f"no endpoint event from {self.url}")
         self.kind = "sse"
         self._decided = True
 
     async def _sse_stream(self, ready: anyio.Event) -> None:
-        with self._streams:
+        with self._stream_scope():
             try:
                 headers = self._base_headers(accept="text/event-stream")
                 async with self._client.stream("GET", self.url, headers=headers) as response:
