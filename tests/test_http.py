@@ -32,7 +32,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from conftest import EXAMPLES, MCPMETER, PYTHON, ROOT, SERVERS, read_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from mcp import Client, StdioServerParameters
+from mcp import Client, StdioServerParameters, types
 from mcp.client.sse import sse_client
 
 from mcpmeter.transports.rpc import member_spans, splice
@@ -173,6 +173,47 @@ async def sdk_session(target: Any, mode: str, calls: Sequence[tuple[str, dict[st
             return Outcome(tools, results, info.model_dump() if info else None, client.protocol_version)
 
 
+SAMPLING = [PYTHON, str(SERVERS / "sampling_server.py")]
+SAMPLING_CALLS: list[tuple[str, dict[str, Any]]] = [
+    ("ask_model", {"question": "what is six times seven?"}),
+    ("list_roots", {}),
+]
+
+
+async def sampling_session(target: Any) -> tuple[list[dict[str, Any]], list[str]]:
+    """A legacy session whose tools ask the client (sampling, roots); returns results and questions."""
+    asked: list[str] = []
+
+    async def sampling(context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+        asked.append(params.messages[0].content.text)  # type: ignore[union-attr]
+        text = types.TextContent(type="text", text="forty-two")
+        return types.CreateMessageResult(role="assistant", content=text, model="test-model")
+
+    async def roots(context: Any) -> types.ListRootsResult:
+        return types.ListRootsResult(roots=[types.Root(uri="file:///work", name="work")])
+
+    with anyio.fail_after(SESSION_S):
+        async with Client(
+            target, mode="legacy", sampling_callback=sampling, list_roots_callback=roots
+        ) as client:
+            results = [(await client.call_tool(name, args)).model_dump() for name, args in SAMPLING_CALLS]
+    return results, asked
+
+
+def assert_sampling_rows(rows: list[dict[str, Any]], transport: str, upstream: str) -> None:
+    s2c = [r for r in rows if r["direction"] == "s2c"]
+    assert [(r["method"], r["status"]) for r in s2c] == [
+        ("sampling/createMessage", "ok"),
+        ("roots/list", "ok"),
+    ]
+    calls = [r for r in rows if r["method"] == "tools/call"]
+    assert [(r["tool"], r["status"]) for r in calls] == [("ask_model", "ok"), ("list_roots", "ok")]
+    assert {(r["transport"], r["upstream"], r["server"]) for r in rows} == {
+        (transport, upstream, "sampling-server")
+    }
+    assert all(r["response_bytes"] > 0 for r in rows)
+
+
 class RawSession:
     """A streamable-HTTP session driven by hand with httpx: every header and byte in view."""
 
@@ -273,6 +314,19 @@ async def test_wrap_url_reaches_a_server_on_the_older_http_sse_transport(
     assert [r["method"] for r in rows] == ["initialize", "tools/list", *["tools/call"] * len(DEMO_CALLS)]
     assert {(r["transport"], r["upstream"], r["server"]) for r in rows} == {("stdio", "sse", "demo-server")}
     assert [r["status"] for r in rows if r["method"] == "tools/call"] == DEMO_STATUS
+
+
+async def test_a_remote_server_asking_its_client_for_sampling_and_roots_is_answered_through_wrap_url(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    async with demo_over_http("streamable-http", "--sampling") as url:
+        through, asked = await sampling_session(wrap_url(meter_env, url))
+        alone, _ = await sampling_session(url)
+
+    assert through == alone
+    assert asked == ["what is six times seven?"]
+    assert through[0]["content"][0]["text"] == "forty-two"
+    assert_sampling_rows(read_rows(db_path), "stdio", "http")
 
 
 async def test_wrap_url_writes_each_answer_as_the_exact_bytes_of_the_servers_json_body(
@@ -514,6 +568,20 @@ async def test_an_http_sse_server_that_cannot_be_reached_is_one_line_and_exit_1(
     assert line.startswith(f"mcpmeter: cannot open {url}")
 
 
+@pytest.mark.parametrize("transport", ["streamable-http", "sse"])
+async def test_a_stdio_server_asking_its_client_for_sampling_and_roots_is_answered_through_listen(
+    transport: str, meter_env: dict[str, str], db_path: Path
+) -> None:
+    async with listening(meter_env, server=SAMPLING) as (base, _):
+        target = f"{base}/mcp" if transport == "streamable-http" else sse_client(f"{base}/sse")
+        through, asked = await sampling_session(target)
+    alone, _ = await sampling_session(StdioServerParameters(command=SAMPLING[0], args=SAMPLING[1:]))
+
+    assert through == alone
+    assert asked == ["what is six times seven?"]
+    assert_sampling_rows(read_rows(db_path), "http" if transport == "streamable-http" else "sse", "stdio")
+
+
 async def test_each_http_session_gets_its_own_server_process_and_session_id(
     meter_env: dict[str, str], db_path: Path
 ) -> None:
@@ -665,6 +733,31 @@ async def test_a_shared_server_sees_fresh_ids_and_each_client_gets_its_own_id_by
     calls = [r for r in rows if r["method"] == "tools/call" and r["jsonrpc_id"] != "99"]
     assert sorted(r["jsonrpc_id"] for r in calls) == sorted(["1", "a", "1.5", "-7"] * 2)
     assert len({r["session_id"] for r in rows}) == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_sdk_clients_sharing_one_server_process_each_get_what_the_server_gives_directly(
+    mode: str, meter_env: dict[str, str], db_path: Path
+) -> None:
+    outcomes: list[Outcome] = []
+
+    async def one(url: str) -> None:
+        outcomes.append(await sdk_session(url, mode, DEMO_CALLS))
+
+    async with listening(meter_env, "--shared-server") as (base, running):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(one, f"{base}/mcp")
+        if sys.platform.startswith("linux"):
+            assert len(children_of(running.pid)) == 1
+    alone = await sdk_session(StdioServerParameters(command=DEMO[0], args=DEMO[1:]), mode, DEMO_CALLS)
+
+    assert outcomes == [alone] * 3
+    rows = read_rows(db_path)
+    assert len(rows) == 3 * (len(DEMO_CALLS) + 1 + (mode == "legacy"))
+    assert all(r["status"] in ("ok", "tool_error") for r in rows)
+    if mode == "legacy":
+        assert len({r["session_id"] for r in rows}) == 3
 
 
 async def test_a_non_loopback_bind_without_a_token_refuses_to_start(meter_env: dict[str, str]) -> None:

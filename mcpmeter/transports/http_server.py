@@ -304,6 +304,8 @@ class Session:
         self.busy = 0
         self.last_used = time.monotonic()
         self.closed = False
+        self.started = anyio.Event()
+        self._watch = anyio.CancelScope()
 
     def _sink(self, record: CallRecord) -> None:
         if self.hints and record.direction == C2S:
@@ -316,12 +318,24 @@ class Session:
         self.gateway.writer.put(record)
 
     async def start(self) -> None:
-        self.upstream = await self.gateway.open_upstream(self.on_upstream_frame, modern=self.modern)
+        try:
+            self.upstream = await self.gateway.open_upstream(self.on_upstream_frame, modern=self.modern)
+        finally:
+            self.started.set()
         self.gateway.tg.start_soon(self._watch_upstream, self.upstream)
 
+    async def ready(self) -> Upstream:
+        """The upstream, once :meth:`start` is done; UpstreamError if it could not start."""
+        await self.started.wait()
+        if self.upstream is None or self.closed:
+            raise UpstreamError("the server has exited")
+        return self.upstream
+
     async def _watch_upstream(self, upstream: Upstream) -> None:
-        await upstream.closed.wait()
-        await self.gateway.close_session(self)
+        with self._watch:
+            await upstream.closed.wait()
+        if not self.closed:
+            await self.gateway.close_session(self)
 
     def meter_c2s(self, frame: bytes, seen: float) -> None:
         meter_frame(self.meter, C2S, frame, seen)
@@ -372,6 +386,7 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self._watch.cancel()
         for waiter in set(self.waiters.values()):
             waiter.fail(reason)
         self.waiters.clear()
@@ -395,7 +410,8 @@ class Gateway:
         self.writer = writer
         self.tg = tg
         self.sessions: dict[str, Session] = {}  # Mcp-Session-Id or /sse session_id -> session
-        self.modern_sessions: dict[tuple[str | None, str | None, str], Session] = {}
+        #: 2026-07-28 requests in flight, one short-lived session each (clients' ids may collide).
+        self.exchanges: set[Session] = set()
         self.stateless_session = options.tenant.session_id if options.fixed_session else new_session_id()
         self.draining = False
         self.inflight = 0
@@ -465,22 +481,18 @@ class Gateway:
         self.sessions[sid] = session
         return session
 
-    async def modern_session(self, headers: Mapping[str, str]) -> Session:
+    async def exchange_session(self, headers: Mapping[str, str]) -> Session:
+        """A session for one 2026-07-28 request: its own meter and its own share of the upstream."""
         tenant = self.tenant_for(headers, self.stateless_session)
-        key = (tenant.project_id, tenant.agent_id, tenant.session_id)
-        session = self.modern_sessions.get(key)
-        if session is None or session.closed:
-            session = Session(self, tenant.session_id, tenant, "http", modern=True)
-            self.modern_sessions[key] = session
-            await session.start()
+        session = Session(self, tenant.session_id, tenant, "http", modern=True)
+        await session.start()
+        self.exchanges.add(session)
         return session
 
     async def close_session(self, session: Session, reason: str = "the server has exited") -> None:
         if self.sessions.get(session.id) is session:
             del self.sessions[session.id]
-        for key, value in list(self.modern_sessions.items()):
-            if value is session:
-                del self.modern_sessions[key]
+        self.exchanges.discard(session)
         await session.close(reason)
 
     async def reap_idle(self) -> None:
@@ -489,7 +501,7 @@ class Gateway:
             now = time.monotonic()
             for session in list(self.sessions.values()):
                 if session.busy == 0 and now - session.last_used > SESSION_IDLE_S:
-                    self.tg.start_soon(self.close_session, session)
+                    self.tg.start_soon(self.close_session, session, "the session was idle too long")
 
     def _begin(self) -> None:
         self.inflight += 1
@@ -507,7 +519,7 @@ class Gateway:
 
     async def close_all(self) -> None:
         """Close every session at once (each answers its waiting POSTs first)."""
-        sessions = list(self.sessions.values()) + list(self.modern_sessions.values())
+        sessions = [*self.sessions.values(), *self.exchanges]
         async with anyio.create_task_group() as tg:
             for session in sessions:
                 tg.start_soon(self.close_session, session, "mcpmeter is shutting down")
@@ -615,12 +627,15 @@ class Gateway:
             await respond(send, 400, _error_body(problem, HEADER_MISMATCH, raw_id))
             return
         try:
-            session = await self.modern_session(headers)
+            session = await self.exchange_session(headers)
         except UpstreamError as exc:
             warn_once(f"start:{exc}", str(exc))
             await respond(send, 502, self._errors(hs, str(exc)))
             return
-        await self._exchange(session, body, hs, seen, headers, receive, send, [])
+        try:
+            await self._exchange(session, body, hs, seen, headers, receive, send, [])
+        finally:
+            await self.close_session(session, "the request has ended")
 
     async def _exchange(
         self,
@@ -634,8 +649,11 @@ class Gateway:
         extra: list[tuple[bytes, bytes]],
     ) -> None:
         """Forward one POST's body; answer with what comes back for its requests."""
-        upstream = session.upstream
-        assert upstream is not None
+        try:
+            upstream = await session.ready()
+        except UpstreamError as exc:
+            await respond(send, 502, self._errors(hs, str(exc)), headers=extra)
+            return
         requests = [h for h in hs if h.kind == REQUEST]
         hint = headers.get("x-request-id")
         if hint:

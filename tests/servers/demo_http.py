@@ -1,7 +1,8 @@
-"""The demo server (examples/demo_server.py) over HTTP, for `wrap --url` tests.
+"""An SDK server over HTTP, for `wrap --url` tests: the demo server (examples/demo_server.py)
+or, with ``--sampling``, the one that asks its client things (tests/servers/sampling_server.py).
 
-    python demo_http.py streamable-http [--json-response] [--stateless]
-    python demo_http.py sse
+    python demo_http.py streamable-http [--json-response] [--stateless] [--sampling]
+    python demo_http.py sse [--sampling]
 
 It binds 127.0.0.1 on a free port and prints ``PORT <n>`` on stdout once it listens.
 """
@@ -17,8 +18,7 @@ import anyio
 import uvicorn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
-
-from demo_server import server
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 async def main() -> None:
@@ -26,7 +26,12 @@ async def main() -> None:
     parser.add_argument("transport", choices=["streamable-http", "sse"])
     parser.add_argument("--json-response", action="store_true")
     parser.add_argument("--stateless", action="store_true")
+    parser.add_argument("--sampling", action="store_true")
     options = parser.parse_args()
+    if options.sampling:
+        from sampling_server import server
+    else:
+        from demo_server import server
     if options.transport == "sse":
         app = server.sse_app(host="127.0.0.1")
     else:
