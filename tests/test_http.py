@@ -51,6 +51,7 @@ EVERYTHING = "@modelcontextprotocol/server-everything@2026.8.31"
 EVERYTHING_DIR = ROOT / ".cache" / "server-everything"
 MODES = ["legacy", "2026-07-28"]
 PROTOCOL = {"legacy": "2025-11-25", "2026-07-28": "2026-07-28"}
+HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
 INIT = {
     "protocolVersion": "2025-11-25",
     "capabilities": {},
@@ -769,6 +770,16 @@ async def test_a_non_loopback_bind_without_a_token_refuses_to_start(meter_env: d
     assert line.startswith("mcpmeter: wrap: --listen 0.0.0.0 is not a loopback address")
 
 
+async def test_listen_with_a_command_that_does_not_exist_is_one_line_and_exit_127(
+    meter_env: dict[str, str],
+) -> None:
+    argv = [MCPMETER, "wrap", "--listen", "127.0.0.1:0", "--", "no-such-mcp-server-command"]
+    with anyio.fail_after(EXIT_S):
+        done = await anyio.run_process(argv, env=meter_env, check=False)
+    assert done.returncode == 127
+    assert done.stderr.decode().splitlines() == ["mcpmeter: command not found: no-such-mcp-server-command"]
+
+
 async def test_a_missing_or_wrong_token_gets_401_and_the_right_one_is_served(
     meter_env: dict[str, str],
 ) -> None:
@@ -825,6 +836,32 @@ async def test_a_foreign_origin_gets_403_while_localhost_and_allowed_origins_are
         None: 200,
     }
     assert sse.status_code == 403
+
+
+async def test_a_rebound_host_name_gets_421_and_allowed_browser_origins_get_cors_headers(
+    meter_env: dict[str, str],
+) -> None:
+    body = dumps({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": INIT})
+    async with listening(meter_env, server=RAW) as (base, _), httpx.AsyncClient() as http:
+        with anyio.fail_after(SESSION_S):
+            rebound = await http.post(
+                f"{base}/mcp", content=body, headers={**HEADERS, "host": "evil.example:80"}
+            )
+            preflight = await http.options(
+                f"{base}/mcp",
+                headers={"origin": "http://localhost:6274", "access-control-request-method": "POST"},
+            )
+            allowed = await http.post(
+                f"{base}/mcp", content=body, headers={**HEADERS, "origin": "http://localhost:6274"}
+            )
+
+    assert rebound.status_code == 421
+    assert preflight.status_code == 204
+    assert preflight.headers["access-control-allow-origin"] == "http://localhost:6274"
+    assert "mcp-session-id" in preflight.headers["access-control-allow-headers"]
+    assert allowed.status_code == 200
+    assert allowed.headers["access-control-allow-origin"] == "http://localhost:6274"
+    assert "mcp-session-id" in allowed.headers["access-control-expose-headers"]
 
 
 async def test_2026_requests_whose_method_or_name_headers_disagree_with_the_body_get_400(

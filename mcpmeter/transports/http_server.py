@@ -161,6 +161,38 @@ def origin_allowed(origin: str | None, allowed: tuple[str, ...]) -> bool:
     return parts.scheme in ("http", "https") and host in _LOCAL_HOSTS
 
 
+def host_is_local(host: str | None) -> bool:
+    """Whether a ``Host`` header names this machine by a loopback name (any port)."""
+    if not host:
+        return False
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    return name.strip("[]").lower() in _LOCAL_HOSTS
+
+
+_CORS_HEADERS = [
+    (b"access-control-allow-methods", b"GET, POST, DELETE"),
+    (
+        b"access-control-allow-headers",
+        b"authorization, content-type, last-event-id, mcp-session-id, mcp-protocol-version, mcp-method, "
+        b"mcp-name, x-request-id, x-mcpmeter-project, x-mcpmeter-agent, x-mcpmeter-session",
+    ),
+    (b"access-control-max-age", b"600"),
+]
+_CORS_EXPOSE = (b"access-control-expose-headers", b"mcp-session-id, mcp-protocol-version")
+
+
+def _with_cors(send: Send, origin: str) -> Send:
+    """``send``, adding the CORS headers an allowed browser origin needs to read the answer."""
+    allow = [(b"access-control-allow-origin", origin.encode("latin-1")), _CORS_EXPOSE, (b"vary", b"Origin")]
+
+    async def cors_send(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = dict(message, headers=[*message.get("headers", []), *allow])
+        await send(message)
+
+    return cors_send
+
+
 # -- ASGI plumbing ----------------------------------------------------------------------------
 
 
@@ -430,6 +462,8 @@ class Gateway:
         self._modern_mux = Mux(self._open_direct, tg, kind=shared_kind)
         self._token = options.auth_token.encode() if options.auth_token else None
         self._origins = tuple(o.strip().rstrip("/").lower() for o in options.allow_origins)
+        #: Without a token, a loopback bind is only safe if the Host names it (DNS rebinding).
+        self._check_host = self._token is None and is_loopback(options.host)
 
     # -- upstreams -------------------------------------------------------------------------
 
@@ -536,9 +570,19 @@ class Gateway:
         headers: dict[str, str] = {}
         for name, value in raw_headers:
             headers.setdefault(name.decode("latin-1"), value.decode("latin-1"))
-        if not origin_allowed(headers.get("origin"), self._origins):
+        origin = headers.get("origin")
+        if not origin_allowed(origin, self._origins):
             await respond(send, 403, b"Forbidden: Origin not allowed", b"text/plain")
             return
+        if self._check_host and not host_is_local(headers.get("host")):
+            # DNS rebinding: a page whose name now points at 127.0.0.1 still sends its own Host.
+            await respond(send, 421, b"Misdirected Request: Host must be a loopback name", b"text/plain")
+            return
+        if origin is not None:
+            send = _with_cors(send, origin)
+            if scope["method"] == "OPTIONS":  # a browser's preflight
+                await respond(send, 204, b"", b"text/plain", _CORS_HEADERS)
+                return
         if self._token is not None and not self._authorized(headers.get("authorization")):
             await respond(send, 401, b"Unauthorized", b"text/plain", [(b"www-authenticate", b"Bearer")])
             return
