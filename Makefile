@@ -31,6 +31,7 @@ test: lint
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/relay_bench.py
+	$(BIN)/python benchmarks/report_bench.py
 	$(BIN)/python benchmarks/http_bench.py
 	$(BIN)/python benchmarks/store_bench.py
 	$(BIN)/python benchmarks/budget_bench.py
