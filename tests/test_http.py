@@ -330,6 +330,42 @@ async def test_a_remote_server_asking_its_client_for_sampling_and_roots_is_answe
     assert_sampling_rows(read_rows(db_path), "stdio", "http")
 
 
+async def test_sigterm_to_wrap_url_lets_the_call_in_flight_finish_and_writes_every_row(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    init = {**INIT, "capabilities": {"sampling": {}}}
+    async with demo_over_http("streamable-http", "--sampling") as url:
+        argv = [MCPMETER, "wrap", "--url", url]
+        async with await anyio.open_process(argv, env=meter_env) as process:
+            assert process.stdin is not None and process.stdout is not None
+            stdin, out = process.stdin, BufferedByteReceiveStream(process.stdout)
+
+            async def send(message: dict[str, Any]) -> None:
+                await stdin.send(dumps(message) + b"\n")
+
+            with anyio.fail_after(SESSION_S):
+                await send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init})
+                await out.receive_until(b"\n", 1 << 20)
+                await send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+                ask = {"name": "ask_model", "arguments": {"question": "six times seven?"}}
+                await send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": ask})
+                question = json.loads(await out.receive_until(b"\n", 1 << 20))
+                assert question["method"] == "sampling/createMessage"
+                process.send_signal(signal.SIGTERM)  # the call is in flight: the server waits for us
+                answer = {"role": "assistant", "content": {"type": "text", "text": "42"}, "model": "m"}
+                await send({"jsonrpc": "2.0", "id": question["id"], "result": answer})
+                result = json.loads(await out.receive_until(b"\n", 1 << 20))
+                assert await process.wait() == 0
+
+    assert result["id"] == 2 and result["result"]["content"][0]["text"] == "42"
+    rows = read_rows(db_path)
+    assert [(r["method"], r["direction"], r["status"]) for r in rows] == [
+        ("initialize", "c2s", "ok"),
+        ("sampling/createMessage", "s2c", "ok"),
+        ("tools/call", "c2s", "ok"),
+    ]
+
+
 async def test_wrap_url_writes_each_answer_as_the_exact_bytes_of_the_servers_json_body(
     meter_env: dict[str, str], db_path: Path
 ) -> None:

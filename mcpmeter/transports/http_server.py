@@ -16,15 +16,21 @@ Each handshake-era session has an upstream of its own: a server subprocess (``--
 the default), a share of one subprocess (``--shared-server``, ids rewritten by
 :mod:`mcpmeter.transports.mux`), or its own session with the remote server (``--url``).
 2026-07-28 requests, which carry no session, share one upstream (ids rewritten): a
-subprocess that served the handshake era refuses them, so they get one of their own.
+subprocess that served the handshake era refuses them, so they get one of their own. Each
+such request is a short-lived session of its own (its own meter and channel), since
+independent clients may send the same ids at the same time.
 
 A request's answer goes back on its POST: a JSON body, or an event stream when the server
 sends something for that request first (its progress, a question for the client). What the
 server starts itself goes to the session's GET stream when one is open, else to the POST
 of the newest request still waiting (switched to an event stream), else waits for a GET
-stream. Every frame either way is metered by the session's :class:`CallMeter` (one per
-session, all sharing one audit writer); ``X-Request-Id`` becomes the join key of the
-requests it came with, when their ``_meta`` has none.
+stream. Every frame either way is metered by the session's :class:`CallMeter` (all sharing
+one audit writer); ``X-Request-Id`` becomes the join key of the requests it came with, when
+their ``_meta`` has none (the session's record sink fills it in).
+
+A loopback bind without a token also checks ``Host`` (421 unless a loopback name), since a
+DNS-rebinding page sends no ``Origin`` on its same-origin GETs. Accepted browser origins
+get CORS answers.
 
 Only loopback addresses are served without ``--auth-token`` (``Authorization: Bearer``,
 compared in constant time). ``Origin`` is checked on every request (DNS rebinding): absent,
