@@ -173,7 +173,7 @@ def render(
     store: Store, keys: Sequence[str], where: CallFilter, *, top: int | None = None, now: float | None = None
 ) -> str:
     """The whole page, as text."""
-    report = grouped(store, keys, where, top)
+    report = grouped(store, keys, where)  # the headline figures count every group
     spend = spend_over_time(store, keys[0], where)
     tools = top_tools(store, where)
     latency = latency_histogram(store, where)
@@ -192,7 +192,7 @@ def render(
         _latency_chart(latency),
         "</div></section>",
         "<section class=panel><h2>Report</h2>",
-        _table(report),
+        _table(report, top),
         "</section></body></html>\n",
     ]
     return "".join(parts)
@@ -208,8 +208,8 @@ background:#f6f7f9}
 h1{font-size:22px;margin:0}h2{font-size:15px;margin:0 0 8px}small{color:#777;font-weight:normal}
 .scope{color:#666;margin:4px 0 16px}
 .cards{display:flex;flex-wrap:wrap;gap:12px;margin-bottom:16px}
-.card{background:#fff;border:1px solid #e3e5e8;border-radius:8px;padding:10px 14px;min-width:130px}
-.card b{display:block;font-size:22px}.card span{color:#666;font-size:12px}
+.card{background:#fff;border:1px solid #e3e5e8;border-radius:8px;padding:8px 12px;min-width:110px}
+.card b{display:block;font-size:20px}.card span{color:#666;font-size:12px}
 .grid{display:grid;grid-template-columns:1fr 1fr;gap:16px;margin-bottom:16px}
 .panel{background:#fff;border:1px solid #e3e5e8;border-radius:8px;padding:14px}
 .wide{grid-column:1/3}
@@ -308,7 +308,7 @@ def _tools_chart(tools: list[tuple[str, int, float]]) -> str:
     out = [f"<svg viewBox='0 0 {width} {height}' role=img aria-label='top tools by cost'>"]
     for i, (name, calls, cost) in enumerate(tools):
         y = 5 + i * (bar + gap)
-        w = (width - label_w - 130) * (cost / top_cost if priced else calls / max(t[1] for t in tools))
+        w = (width - label_w - 200) * (cost / top_cost if priced else calls / max(t[1] for t in tools))
         out.append(
             f"<text x='{label_w - 6}' y='{y + 14}' text-anchor=end>{escape(_clip(name, 26))}</text>"
             f"<rect x='{label_w}' y='{y}' width='{max(w, 1):.1f}' height='{bar}' rx=3 fill='{PALETTE[0]}'>"
@@ -393,11 +393,15 @@ def _nice(value: float) -> float:
     return next(step * magnitude for step in (1, 2, 2.5, 5, 10) if step * magnitude >= value * (1 - 1e-12))
 
 
-def _table(report: Report) -> str:
+def _table(report: Report, top: int | None) -> str:
+    """The report's rows (with ``top``, the costliest first), then its notes."""
     columns = (*report.keys, *COLUMNS)
+    shown = report.rows
+    if top is not None:
+        shown = sorted(shown, key=lambda r: -r["total_cost_usd"])[:top]
     head = "".join(f"<th class={'k' if c in report.keys else 'n'}>{escape(c)}</th>" for c in columns)
     rows = []
-    for row in report.rows:
+    for row in shown:
         cells = "".join(
             f"<td class={'k' if c in report.keys else 'n'}>{escape(_cell(c, row[c]))}</td>" for c in columns
         )

@@ -890,6 +890,24 @@ def test_the_html_report_of_an_empty_store_says_so_instead_of_drawing(tmp_path: 
     assert "no latencies in scope" in html
 
 
+def test_the_html_report_with_top_lists_the_costliest_groups_and_counts_every_call(tmp_path: Path) -> None:
+    db = tmp_path / "audit.db"
+    fill(
+        db,
+        tools=[tool_row(agent_id=f"agent-{i:02d}", jsonrpc_id=str(i), cost_usd=float(i)) for i in range(29)],
+    )
+    page = tmp_path / "top.html"
+    result = run("report", "--db", str(db), "--by", "agent", "--top", "3", "--html", str(page))
+    assert result.returncode == 0, result.stderr
+    html = page.read_text()
+    table = html[html.index("<table>") :]
+    assert table.count("<tr>") == 1 + 3
+    assert table.index("agent-28") < table.index("agent-27") < table.index("agent-26")
+    assert "agent-25" not in table
+    assert "<b>29</b><span>calls</span>" in html
+    assert "<b>$406.00</b><span>total cost</span>" in html
+
+
 def test_the_html_report_references_nothing_outside_the_page(tmp_path: Path) -> None:
     db = tmp_path / "audit.db"
     fill(
