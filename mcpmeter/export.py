@@ -10,7 +10,9 @@ import orjson
 
 from mcpmeter.record import COLUMNS
 
-FORMATS = ("jsonl", "csv")
+#: jsonl and csv are written here; parquet by :mod:`mcpmeter.parquet`; otlp replays rows to a
+#: collector (:func:`mcpmeter.otel.replay`).
+FORMATS = ("jsonl", "csv", "parquet", "otlp")
 
 
 def write_jsonl(rows: Iterable[tuple[Any, ...]], out: IO[bytes]) -> int:

@@ -31,6 +31,7 @@ from mcpmeter.transports.stdio import ServerProcess, exit_status
 
 if TYPE_CHECKING:
     from mcpmeter.alerts import WebhookAlerter
+    from mcpmeter.otel import OtlpConfig
     from mcpmeter.store.base import Store
 
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -112,14 +113,34 @@ def run_wrap(options: WrapOptions) -> int:
             )
 
 
+#: Where spans and the duration histogram go (``--otlp-endpoint`` or the ``OTEL_EXPORTER_OTLP_*``
+#: env vars): set by :func:`export_to_otlp` before the relay starts; every audit writer of
+#: the process (one per ``wrap``, whatever the transport) then feeds an OTLP exporter.
+_otlp: OtlpConfig | None = None
+
+
+def export_to_otlp(config: OtlpConfig | None) -> None:
+    global _otlp
+    _otlp = config
+
+
 def start_audit_writer(db: str | None, **hooks: Any) -> AuditWriter:
     """The audit writer for the store ``db`` names (or the default), started.
 
     ``hooks`` are the AuditWriter's ``on_tick``/``on_unavailable``/``after_write``.
     """
     location = resolve_db(db)
+    exporter = None
+    if _otlp is not None:
+        from mcpmeter.otel import SpanExporter
+
+        exporter = SpanExporter(_otlp).start()
     return AuditWriter(
-        _store_opener(location), spill_path=spill_path_for(location), pricer=_tool_pricer, **hooks
+        _store_opener(location),
+        spill_path=spill_path_for(location),
+        pricer=_tool_pricer,
+        exporter=exporter,
+        **hooks,
     ).start()
 
 

@@ -64,6 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also store a redacted copy of tool arguments (secrets masked; off by default)",
     )
+    add(
+        "--otlp-endpoint",
+        metavar="URL",
+        help="also send a span per request and the mcp.client.operation.duration histogram to this "
+        "OTLP/HTTP collector (e.g. http://localhost:4318); env OTEL_EXPORTER_OTLP_ENDPOINT",
+    )
     _add_budget_options(parser)
     add("--url", help="a remote MCP server (streamable HTTP or HTTP+SSE) instead of CMD")
     add(
@@ -198,6 +204,7 @@ def main(args: list[str]) -> int:
         cmd = cmd[1:]
     _check(options, cmd)
     _check_budget_options(options)
+    _configure_otlp(options.otlp_endpoint)
 
     from mcpmeter.tags import resolve_tenant
 
@@ -236,6 +243,40 @@ def main(args: list[str]) -> int:
             alert_webhook=options.alert_webhook,
         )
     )
+
+
+_OTLP_ENDPOINT_VARS = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+)
+
+
+def _configure_otlp(endpoint: str | None) -> None:
+    """Turn on OTLP export for this process when the flag or the standard env vars ask for it.
+
+    Without either, nothing of it is imported. A bad URL in the flag is a usage error; in the
+    env vars (perhaps meant for another program) it is one warning, and no export.
+    """
+    import os
+
+    if endpoint is None and not any(os.environ.get(name) for name in _OTLP_ENDPOINT_VARS):
+        return
+    from mcpmeter.otel import config_from
+
+    try:
+        config = config_from(endpoint, os.environ, source="wrap: --otlp-endpoint")
+    except UsageError as exc:
+        if endpoint is not None:
+            raise
+        from mcpmeter.log import warn
+
+        warn(f"{exc}; not exporting to OTLP")
+        return
+    if config is not None:
+        from mcpmeter.wrap import export_to_otlp
+
+        export_to_otlp(config)
 
 
 def _check(options: argparse.Namespace, cmd: list[str]) -> None:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -20,14 +21,22 @@ from mcpmeter.commands.options import (
 )
 from mcpmeter.errors import UsageError
 
+if TYPE_CHECKING:
+    from mcpmeter.otel import OtlpConfig
+
 
 def register(app: typer.Typer) -> None:
-    app.command(help="Write audit rows out as JSON lines or CSV (every column, in order), streamed.")(export)
+    app.command(
+        help="Write audit rows out as JSON lines, CSV or Parquet (every column, in order), streamed; "
+        "or replay them to an OTLP collector as spans (--format otlp)."
+    )(export)
 
 
 def export(
     db: DbOption = None,
-    format: Annotated[str, typer.Option("--format", help="jsonl or csv.")] = "jsonl",
+    format: Annotated[
+        str, typer.Option("--format", help="jsonl, csv, parquet (needs -o FILE) or otlp (needs an endpoint).")
+    ] = "jsonl",
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write to FILE instead of stdout.")
     ] = None,
@@ -38,6 +47,14 @@ def export(
     session: SessionFilter = None,
     tool: ToolFilter = None,
     status: StatusFilter = None,
+    endpoint: Annotated[
+        str | None,
+        typer.Option(
+            "--endpoint",
+            metavar="URL",
+            help="With --format otlp: the collector's OTLP/HTTP base URL. Env: OTEL_EXPORTER_OTLP_ENDPOINT.",
+        ),
+    ] = None,
 ) -> None:
     from mcpmeter.export import FORMATS, write_csv, write_jsonl
     from mcpmeter.store import CallFilter, open_store, resolve_db
@@ -45,6 +62,11 @@ def export(
 
     if format not in FORMATS:
         raise UsageError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
+    if format == "parquet" and output is None:
+        raise UsageError("--format parquet needs -o FILE")
+    if endpoint is not None and format != "otlp":
+        raise UsageError("--endpoint goes with --format otlp")
+    otlp = _otlp_config(endpoint) if format == "otlp" else None
     where = CallFilter(
         since=parse_when(since) if since else None,
         until=parse_when(until) if until else None,
@@ -57,6 +79,14 @@ def export(
     store = open_store(resolve_db(db), create=False)
     try:
         rows = store.iter_calls(where)
+        if otlp is not None:
+            _replay(rows, otlp)
+            return
+        if format == "parquet" and output is not None:
+            from mcpmeter.parquet import write_parquet
+
+            write_parquet(rows, output)
+            return
         write = write_jsonl if format == "jsonl" else write_csv
         if output is None:
             write(rows, sys.stdout.buffer)
@@ -66,3 +96,29 @@ def export(
                 write(rows, out)
     finally:
         store.close()
+
+
+def _otlp_config(endpoint: str | None) -> OtlpConfig:
+    import os
+
+    from mcpmeter.otel import config_from
+
+    config = config_from(endpoint, os.environ, source="--endpoint")
+    if config is None:
+        raise UsageError(
+            "--format otlp needs --endpoint URL (or OTEL_EXPORTER_OTLP_ENDPOINT / "
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)"
+        )
+    return config
+
+
+def _replay(rows: Iterable[tuple[Any, ...]], config: OtlpConfig) -> None:
+    from mcpmeter.otel import replay
+
+    result = replay(rows, config)
+    parts = []
+    if config.traces_url is not None:
+        parts.append(f"{result.spans} spans to {config.traces_url}")
+    if config.metrics_url is not None:
+        parts.append(f"{result.series} histogram series to {config.metrics_url}")
+    sys.stderr.write(f"sent {' and '.join(parts)}\n")

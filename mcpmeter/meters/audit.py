@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
@@ -30,6 +30,19 @@ if TYPE_CHECKING:
 
 #: Fills ``cost_usd`` on a batch of records (see :func:`mcpmeter.prices.tool_pricer`).
 Pricer = Callable[[Sequence[CallRecord]], Sequence[CallRecord]]
+
+
+class BatchExporter(Protocol):
+    """Gets every batch the writer handles (priced, whether stored or spilled), on its thread.
+
+    ``submit`` must not block (hand the batch to a bounded queue of its own); ``close`` is
+    called once, after the last batch. See :class:`mcpmeter.otel.SpanExporter`.
+    """
+
+    def submit(self, records: Sequence[CallRecord]) -> None: ...
+
+    def close(self) -> None: ...
+
 
 DEFAULT_INTERVAL_S = 0.05
 DEFAULT_MAX_BATCH = 2000
@@ -73,7 +86,9 @@ class AuditWriter:
         on_tick: Callable[[Store], None] | None = None,
         on_unavailable: Callable[[], None] | None = None,
         after_write: Callable[[Store, Sequence[CallRecord]], None] | None = None,
+        exporter: BatchExporter | None = None,
     ) -> None:
+        self._exporter = exporter
         self._on_tick = on_tick
         self._on_unavailable = on_unavailable
         self._after_write = after_write
@@ -107,6 +122,9 @@ class AuditWriter:
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._exporter is not None:
+            self._exporter.close()
+            self._exporter = None
 
     # -- the thread ------------------------------------------------------------------------
 
@@ -158,9 +176,11 @@ class AuditWriter:
             try:
                 self._store = self._open_store()
             except MeterError:
+                self._export(batch)
                 self._spill(batch)
                 return
         batch = self._priced(self._store, batch)
+        self._export(batch)
         try:
             self._store.write_calls(batch)
             self.written += len(batch)
@@ -175,6 +195,13 @@ class AuditWriter:
                 warn_once("after-write", f"cannot settle budgets: {exc}")
         if self._needs_recovery:  # the store is back: load what this process spilled
             self._recover_spill()
+
+    def _export(self, batch: Sequence[CallRecord]) -> None:
+        if self._exporter is not None:
+            try:
+                self._exporter.submit(batch)
+            except Exception as exc:
+                warn_once("export", f"cannot export spans: {exc}")
 
     def _priced(self, store: Store, batch: Sequence[CallRecord]) -> Sequence[CallRecord]:
         """Fill ``cost_usd`` from the tool prices in force (a pricing failure never costs a row)."""

@@ -62,6 +62,20 @@ decode_json = msgspec.json.decode
 #: Builds a CallRecord from a tuple without NamedTuple's Python-level ``__new__``.
 _new_record = tuple.__new__
 
+#: The ``traceparent`` of each settled traced request, for the OTLP exporter to parent its
+#: span on (the row keeps only the trace id). None, and never filled, unless an exporter
+#: turns it on (:func:`keep_traceparents`); the exporter pops what it reads. Keyed by the
+#: record's ``(session_id, direction, jsonrpc_id, ts)``.
+traceparents: dict[tuple[str, str, str, float], str] | None = None
+
+
+def keep_traceparents() -> dict[tuple[str, str, str, float], str]:
+    """Start keeping the ``traceparent`` of traced requests (every meter of the process)."""
+    global traceparents
+    if traceparents is None:
+        traceparents = {}
+    return traceparents
+
 
 class Peers:
     """What the handshake (or the 2026-07-28 ``_meta``) told us about both ends."""
@@ -119,6 +133,7 @@ class _Pending:
         "seen",
         "tool",
         "trace_id",
+        "traceparent",
         "ts",
     )
 
@@ -134,6 +149,8 @@ class _Pending:
         self.tool: str | None = None
         self.request_id: str | None = None
         self.trace_id: str | None = None
+        #: The whole valid ``traceparent`` (for the span's parent id), None when invalid.
+        self.traceparent: str | None = None
         self.client_name: str | None = None
         self.client_version: str | None = None
         self.protocol_version: str | None = None
@@ -388,6 +405,8 @@ class CallMeter:
         traceparent = meta.get("traceparent")
         if traceparent is not None:
             p.trace_id = trace_id_of(traceparent)
+            if p.trace_id is not None:
+                p.traceparent = traceparent
         version = meta.get(_PROTOCOL_VERSION)
         if isinstance(version, str):
             p.protocol_version = version
@@ -478,6 +497,8 @@ class CallMeter:
         error_code: int | None,
         error_message: str | None,
     ) -> None:
+        if p.traceparent is not None and traceparents is not None:  # for the OTLP exporter
+            traceparents[(self._session_id, p.direction, p.jsonrpc_id, p.ts)] = p.traceparent
         peers = self.peers
         self._sink(
             _new_record(
