@@ -30,6 +30,7 @@ from hypothesis import strategies as st
 from stores import BACKENDS, Backend, make_backend
 
 from mcpmeter.report import COLUMNS, grouped, invocations
+from mcpmeter.report_html import render
 from mcpmeter.store import CallFilter, open_store
 
 TOOL_COLUMNS = (
@@ -888,6 +889,20 @@ def test_the_html_report_of_an_empty_store_says_so_instead_of_drawing(tmp_path: 
     assert "no calls in scope" in html
     assert "no tool calls in scope" in html
     assert "no latencies in scope" in html
+
+
+def test_the_html_page_draws_its_three_charts_from_every_backend(location: str) -> None:
+    two_sided_store(location)
+    store = open_store(location, create=False)
+    try:
+        html = render(store, ["agent"], CallFilter(), now=0.0)
+    finally:
+        store.close()
+    assert html.count("<svg") == 3
+    assert "per hour" in html  # the calls span less than two days
+    assert "github/fetch" in html and "$0.5000" in html
+    assert "planner" in html and "critic" in html
+    assert "generated 1970-01-01 00:00 UTC" in html
 
 
 def test_the_html_report_with_top_lists_the_costliest_groups_and_counts_every_call(tmp_path: Path) -> None:
