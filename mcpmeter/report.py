@@ -27,7 +27,7 @@ rows of those buckets.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import IO, Any, TypeVar
@@ -258,10 +258,11 @@ class Report:
 
     def notes(self) -> list[str]:
         """What the reader must know besides the rows: the unmatched and unpriced counts."""
-        return _notes(self.unmatched, self.llm_calls_without_price)
+        return notes(self.unmatched, self.llm_calls_without_price)
 
 
-def _notes(unmatched: Unmatched, unpriced: int) -> list[str]:
+def notes(unmatched: Unmatched, unpriced: int) -> list[str]:
+    """The lines that follow a report: unmatched counts, and unpriced LLM calls if any."""
     lines = [unmatched.describe()]
     if unpriced:
         lines.append(
@@ -518,7 +519,7 @@ class Invocations:
     llm_calls_without_price: int
 
     def notes(self) -> list[str]:
-        return _notes(self.unmatched, self.llm_calls_without_price)
+        return notes(self.unmatched, self.llm_calls_without_price)
 
 
 def invocations_sql(where: CallFilter, dialect: str, top: int | None = None) -> tuple[str, list[Any]]:
@@ -568,9 +569,9 @@ FROM facts GROUP BY rid ORDER BY {order}
     return sql, t_params + l_params
 
 
-def invocations(store: Store, where: CallFilter, top: int | None = None) -> Invocations:
+def iter_invocations(store: Store, where: CallFilter, top: int | None = None) -> Iterator[dict[str, Any]]:
+    """The rows of ``report invocations``, streamed (:data:`INVOCATION_COLUMNS`)."""
     sql, params = invocations_sql(where, store.dialect, top)
-    rows: list[dict[str, Any]] = []
     text_columns = ("request_id", "ts", "project", "agent", "model", "tools")
     for raw in store.query(sql, params):
         row: dict[str, Any] = {}
@@ -578,11 +579,16 @@ def invocations(store: Store, where: CallFilter, top: int | None = None) -> Invo
             row[column] = value if column in text_columns else _clean(column, value)
         if row["tools"]:
             row["tools"] = ",".join(sorted(row["tools"].split(",")))
-        rows.append(row)
-    return Invocations(rows, count_unmatched(store, where), _unpriced(store, where))
+        yield row
 
 
-def _unpriced(store: Store, where: CallFilter) -> int:
+def invocations(store: Store, where: CallFilter, top: int | None = None) -> Invocations:
+    """``report invocations`` in memory (the command streams :func:`iter_invocations`)."""
+    unmatched, unpriced = count_unmatched(store, where), unpriced_llm_calls(store, where)
+    return Invocations(list(iter_invocations(store, where, top)), unmatched, unpriced)
+
+
+def unpriced_llm_calls(store: Store, where: CallFilter) -> int:
     """LLM rows in scope without a model price in force."""
     clauses, params = llm_where(where)
     row = store.query_one(
@@ -600,18 +606,21 @@ def write_json(rows: list[dict[str, Any]], out: IO[str]) -> None:
     out.write("\n")
 
 
-def write_invocations_json(result: Invocations, out: IO[str]) -> None:
-    """``{"invocations": [...], "unmatched": {...}, "llm_calls_without_price": N}``."""
-    document = {
-        "invocations": result.rows,
-        "unmatched": result.unmatched.as_dict(),
-        "llm_calls_without_price": result.llm_calls_without_price,
-    }
-    out.write(orjson.dumps(document, option=orjson.OPT_INDENT_2).decode())
-    out.write("\n")
+def write_invocations_json(
+    rows: Iterable[dict[str, Any]], unmatched: Unmatched, unpriced: int, out: IO[str]
+) -> None:
+    """``{"invocations": [...], "unmatched": {...}, "llm_calls_without_price": N}``, streamed:
+    one invocation a line, so memory stays flat however many there are."""
+    out.write('{\n  "invocations": [')
+    separator = "\n    "
+    for row in rows:
+        out.write(separator + orjson.dumps(row).decode())
+        separator = ",\n    "
+    out.write('\n  ],\n  "unmatched": ' + orjson.dumps(unmatched.as_dict()).decode())
+    out.write(f',\n  "llm_calls_without_price": {int(unpriced)}\n}}\n')
 
 
-def write_csv(columns: Sequence[str], rows: list[dict[str, Any]], out: IO[str]) -> None:
+def write_csv(columns: Sequence[str], rows: Iterable[dict[str, Any]], out: IO[str]) -> None:
     """A header row, then one line per row; nulls are empty cells."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(columns)

@@ -809,11 +809,20 @@ def test_a_bad_option_is_one_line_on_stderr_and_exit_2(db_path: Path, args: list
     assert message in result.stderr
 
 
-def test_an_empty_store_reports_no_rows(db_path: Path) -> None:
+def test_an_empty_store_reports_no_rows_and_no_invocations(db_path: Path) -> None:
     fill(db_path)
     result = run("report", "--db", str(db_path), "--format", "json")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == []
+    result = run("report", "invocations", "--db", str(db_path), "--format", "json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        "invocations": [],
+        "unmatched": dict.fromkeys(
+            ["tool_calls_without_request_id", "tool_calls_without_llm_call", "llm_calls_without_tool_call"], 0
+        ),
+        "llm_calls_without_price": 0,
+    }
 
 
 # -- the picture ---------------------------------------------------------------------------

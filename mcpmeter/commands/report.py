@@ -121,22 +121,25 @@ def invocations(
 
     _check_format(format, reports.FORMATS)
     where = _filter(since, until, project, agent, session, tool, status)
+    out = sys.stdout
+    columns = reports.INVOCATION_COLUMNS
     store = open_store(resolve_db(db), create=False)
     try:
         _with_bundled_prices(store)
-        result = reports.invocations(store, where, top)
+        unmatched = reports.count_unmatched(store, where)
+        unpriced = reports.unpriced_llm_calls(store, where)
+        notes = reports.notes(unmatched, unpriced)
+        rows = reports.iter_invocations(store, where, top)  # streamed for json and csv
+        if format == "json":
+            reports.write_invocations_json(rows, unmatched, unpriced, out)
+        elif format == "csv":
+            reports.write_csv(columns, rows, out)
+            for note in notes:
+                sys.stderr.write(f"mcpmeter: {note}\n")
+        else:
+            reports.write_table(columns, list(rows), out, notes=notes)
     finally:
         store.close()
-    out = sys.stdout
-    columns = reports.INVOCATION_COLUMNS
-    if format == "json":
-        reports.write_invocations_json(result, out)
-    elif format == "csv":
-        reports.write_csv(columns, result.rows, out)
-        for note in result.notes():
-            sys.stderr.write(f"mcpmeter: {note}\n")
-    else:
-        reports.write_table(columns, result.rows, out, notes=result.notes())
 
 
 def _with_bundled_prices(store: Store) -> None:
