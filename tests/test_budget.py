@@ -19,6 +19,7 @@ from conftest import MCPMETER, PYTHON, SERVERS, read_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client, StdioServerParameters
+from stores import BACKENDS, Backend, make_backend
 
 from mcpmeter.budget import Budget, reserve, window
 from mcpmeter.store import SQLiteStore
@@ -182,15 +183,22 @@ def test_a_budget_set_in_the_store_applies_to_every_wrap_on_it(
 # -- many proxies, one budget ----------------------------------------------------------------
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Backend]:
+    with make_backend(request.param, tmp_path, monkeypatch) as made:
+        yield made
+
+
 def test_twenty_concurrent_wraps_never_overspend_one_project_budget(
-    meter_env: dict[str, str], db_path: Path
+    meter_env: dict[str, str], backend: Backend
 ) -> None:
     price, limit = 0.01, 0.50
-    assert cli("prices", "set", "tool", "*/*", "--per-call", str(price), "--db", str(db_path)).returncode == 0
-    assert (
-        cli("budget", "set", "--project", "acme", "--usd", str(limit), "--db", str(db_path)).returncode == 0
-    )
-    env = {**meter_env, "MCPMETER_PROJECT_ID": "acme"}
+    db = backend.location
+    assert cli("prices", "set", "tool", "*/*", "--per-call", str(price), "--db", db).returncode == 0
+    assert cli("budget", "set", "--project", "acme", "--usd", str(limit), "--db", db).returncode == 0
+    env = {**meter_env, "MCPMETER_PROJECT_ID": "acme", "MCPMETER_DB": db}
     frames = b"".join(call(i) for i in range(10))
     procs = [
         subprocess.Popen(
@@ -204,18 +212,16 @@ def test_twenty_concurrent_wraps_never_overspend_one_project_budget(
     ]
     refused = 0
     for p in procs:
-        out, _ = p.communicate(frames, timeout=120)
-        assert p.returncode == 0
+        out, err = p.communicate(frames, timeout=120)
+        assert p.returncode == 0, err
         refused += sum(1 for m in answers(out).values() if m.get("result", {}).get("isError"))
-    rows = [r for r in read_rows(db_path) if r["method"] == "tools/call"]
+    rows = [r for r in backend.rows() if r["method"] == "tools/call"]
     allowed = [r for r in rows if r["status"] == "ok"]
     assert len(rows) == 200
     assert sum(1 for r in rows if r["status"] == "rejected") == refused == 200 - len(allowed)
-    spent = sum(float(r["cost_usd"]) for r in allowed)  # type: ignore[arg-type]
+    spent = sum(float(r["cost_usd"]) for r in allowed)
     assert limit - price - 1e-9 <= spent <= limit + 1e-9  # within one call's price, never over
-    con = sqlite3.connect(db_path)
-    (stored,) = con.execute("SELECT spent_usd FROM budget_spend WHERE scope = 'project'").fetchone()
-    con.close()
+    ((stored,),) = backend.sql("SELECT spent_usd FROM budget_spend WHERE scope = 'project'")
     assert stored == pytest.approx(spent)
 
 
