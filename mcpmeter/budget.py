@@ -426,6 +426,8 @@ class BudgetGate:
 
     def settle(self, store: Store, records: Sequence[CallRecord]) -> None:
         """Adjust each reserved call's spend to its final cost (per-KB prices)."""
+        if not self._reserved:  # nothing reserved (no budget applies): nothing to settle
+            return
         deltas: list[tuple[Budget, str, float]] = []
         with self._lock:
             for record in records:

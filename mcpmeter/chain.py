@@ -20,8 +20,8 @@ reports.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
+from hashlib import sha256 as _sha256
 from typing import Any, NamedTuple
 
 import msgspec
@@ -32,26 +32,32 @@ from mcpmeter.record import INSERT_COLUMNS
 CHAIN_COLUMNS: tuple[str, ...] = INSERT_COLUMNS
 _REAL = frozenset({"latency_ms", "cost_usd"})
 _INTEGER = frozenset({"request_bytes", "response_bytes", "error_code"})
-_KINDS = tuple(float if c in _REAL else int if c in _INTEGER else None for c in CHAIN_COLUMNS)
 GENESIS = ""
 _encode = msgspec.json.encode
 
 
+_REAL_AT = tuple(i for i, c in enumerate(CHAIN_COLUMNS) if c in _REAL)
+_INTEGER_AT = tuple(i for i, c in enumerate(CHAIN_COLUMNS) if c in _INTEGER)
+
+
 def canonical(fields: Sequence[Any]) -> bytes:
     """The bytes hashed for one row (``fields`` in :data:`CHAIN_COLUMNS` order)."""
-    values = [
-        kind(value) if kind is not None and value is not None else value
-        for kind, value in zip(_KINDS, fields, strict=True)
-    ]
+    values = list(fields)
+    # Only the numeric columns can read back as another type (an integer in a REAL column).
+    for i in _REAL_AT:
+        value = values[i]
+        if value is not None and type(value) is not float:
+            values[i] = float(value)
+    for i in _INTEGER_AT:
+        value = values[i]
+        if value is not None and type(value) is not int:
+            values[i] = int(value)
     return _encode(values)
 
 
 def link(previous: str, fields: Sequence[Any]) -> str:
     """The hash of a row whose predecessor's hash is ``previous``."""
-    digest = hashlib.sha256(previous.encode())
-    digest.update(b"\n")
-    digest.update(canonical(fields))
-    return digest.hexdigest()
+    return _sha256(previous.encode() + b"\n" + canonical(fields)).hexdigest()
 
 
 def chain(previous: str, rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -61,6 +67,16 @@ def chain(previous: str, rows: Iterable[Sequence[Any]]) -> list[str]:
         previous = link(previous, fields)
         hashes.append(previous)
     return hashes
+
+
+def chained(previous: str, rows: Iterable[list[Any]]) -> list[list[Any]]:
+    """``rows`` (lists of :data:`CHAIN_COLUMNS` values), each with its hash appended, in place."""
+    out = []
+    for fields in rows:
+        previous = link(previous, fields)
+        fields.append(previous)
+        out.append(fields)
+    return out
 
 
 class Break(NamedTuple):

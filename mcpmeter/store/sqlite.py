@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from mcpmeter.chain import CHAIN_COLUMNS, GENESIS, chain
+from mcpmeter.chain import CHAIN_COLUMNS, GENESIS, chained
 from mcpmeter.errors import StoreError
 from mcpmeter.record import COLUMNS, INSERT_COLUMNS, CallRecord, iso_utc
 from mcpmeter.store.base import CallFilter
@@ -130,10 +130,9 @@ class SQLiteStore:
             return True
 
     def _insert_calls(self, records: Sequence[CallRecord]) -> None:
-        rows = [_row(r) for r in records]
         last = self._db.execute("SELECT hash FROM calls ORDER BY id DESC LIMIT 1").fetchone()
-        hashes = chain((last[0] or GENESIS) if last else GENESIS, rows)
-        self._db.executemany(_INSERT, [(*row, h) for row, h in zip(rows, hashes, strict=True)])
+        previous = (last[0] or GENESIS) if last else GENESIS
+        self._db.executemany(_INSERT, chained(previous, [[iso_utc(r[0]), *r[1:]] for r in records]))
 
     # -- generic access for the query modules (ledger, prices, report, tail) ------------------
     #
@@ -200,6 +199,3 @@ class SQLiteStore:
     def close(self) -> None:
         self._db.close()
 
-
-def _row(record: CallRecord) -> tuple[Any, ...]:
-    return (iso_utc(record[0]), *record[1:])
