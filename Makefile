@@ -32,6 +32,7 @@ test: lint
 bench: $(STAMP)
 	$(BIN)/python benchmarks/relay_bench.py
 	$(BIN)/python benchmarks/report_bench.py
+	$(BIN)/python benchmarks/report_bench.py --postgres --rounds 1
 	$(BIN)/python benchmarks/http_bench.py
 	$(BIN)/python benchmarks/store_bench.py
 	$(BIN)/python benchmarks/budget_bench.py
