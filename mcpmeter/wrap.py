@@ -18,7 +18,7 @@ import sys
 import threading
 from collections.abc import Callable
 from types import FrameType
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from mcpmeter.budget import Budget, BudgetGate
 from mcpmeter.errors import MeterError
@@ -71,17 +71,9 @@ def run_wrap(options: WrapOptions) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     # Our stdout: the server's frames, and between them any answer the proxy gives itself.
     client_out = ClientWriter(FdEndpoint(1))
-    alerter = _alerter(options.alert_webhook)
     meter: CallMeter | None = None
-    gate = BudgetGate(
-        _store_opener(resolve_db(options.db)),
-        options.tenant,
-        inject=client_out.inject,
-        budgets=options.budgets,
-        max_repeat=options.max_repeat,
-        reject_as=options.reject_as,
-        server_name=lambda: meter.peers.server_name if meter is not None else None,
-        alert=alerter,
+    gate, alerter = budget_gate(
+        options, client_out.inject, lambda: meter.peers.server_name if meter is not None else None
     )
     writer = start_audit_writer(
         options.db, on_tick=gate.refresh, on_unavailable=gate.unavailable, after_write=gate.settle
@@ -142,6 +134,41 @@ def start_audit_writer(db: str | None, **hooks: Any) -> AuditWriter:
         exporter=exporter,
         **hooks,
     ).start()
+
+
+class GateOptions(Protocol):
+    """The budget settings ``wrap`` and ``wrap --url`` share."""
+
+    @property
+    def db(self) -> str | None: ...
+    @property
+    def tenant(self) -> Tenant: ...
+    @property
+    def budgets(self) -> tuple[Budget, ...]: ...
+    @property
+    def max_repeat(self) -> int | None: ...
+    @property
+    def reject_as(self) -> str: ...
+    @property
+    def alert_webhook(self) -> str | None: ...
+
+
+def budget_gate(
+    options: GateOptions, inject: Callable[[bytes], None], server_name: Callable[[], str | None]
+) -> tuple[BudgetGate, WebhookAlerter | None]:
+    """The budget gate (flag budgets, stored ones, the loop guard) and its webhook alerter."""
+    alerter = _alerter(options.alert_webhook)
+    gate = BudgetGate(
+        _store_opener(resolve_db(options.db)),
+        options.tenant,
+        inject=inject,
+        budgets=options.budgets,
+        max_repeat=options.max_repeat,
+        reject_as=options.reject_as,
+        server_name=server_name,
+        alert=alerter,
+    )
+    return gate, alerter
 
 
 def _alerter(url: str | None) -> WebhookAlerter | None:

@@ -190,9 +190,9 @@ def _check_budget_options(options: argparse.Namespace) -> None:
         or options.max_repeat is not None
         or options.alert_webhook is not None
     )
-    if gated and (options.url is not None or options.listen is not None):
+    if gated and options.listen is not None:
         raise UsageError(
-            "wrap: budget flags work with a stdio server command in this version, not --url/--listen"
+            "wrap: budget flags work with a server command or --url in this version, not --listen"
         )
 
 
@@ -225,6 +225,10 @@ def main(args: list[str]) -> int:
                 headers=headers,
                 db=options.db,
                 record_args=options.record_args,
+                budgets=_budgets(options, tenant),
+                max_repeat=options.max_repeat,
+                reject_as=options.reject_as,
+                alert_webhook=options.alert_webhook,
             )
         )
 

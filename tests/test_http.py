@@ -1084,3 +1084,16 @@ def test_an_id_is_swapped_in_place_leaving_every_other_byte_of_the_frame_as_it_w
     swapped = splice(frame, [(start, end, b"12345")])
     assert swapped[:start] == frame[:start] and swapped[start + 5 :] == frame[end:]
     assert json.loads(swapped) == {**members, "id": 12345}
+
+
+async def test_a_budget_on_wrap_url_answers_calls_past_it_itself_and_records_them_rejected(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    calls = [("search", {"query": f"q{i}"}) for i in range(4)]
+    async with demo_over_http("streamable-http") as url:
+        outcome = await sdk_session(wrap_url(meter_env, url, "--max-calls", "2"), "legacy", calls)
+    assert [r["is_error"] for r in outcome.results] == [False, False, True, True]
+    assert "Budget exhausted" in outcome.results[2]["content"][0]["text"]
+    rows = [r for r in read_rows(db_path) if r["method"] == "tools/call"]
+    assert sorted(str(r["status"]) for r in rows) == ["ok", "ok", "rejected", "rejected"]
+    assert all(r["upstream"] == "http" for r in rows)

@@ -36,10 +36,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
 import anyio
+import anyio.to_thread
 import httpx
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
@@ -65,6 +66,9 @@ from mcpmeter.transports.rpc import (
 )
 from mcpmeter.transports.sse import SSEParser
 from mcpmeter.transports.upstream import Deliver, UpstreamError, meter_frame
+
+if TYPE_CHECKING:
+    from mcpmeter.budget import Budget, BudgetGate
 
 TRANSPORTS = ("auto", "streamable-http", "sse")
 ACCEPT_BOTH = "application/json, text/event-stream"
@@ -504,6 +508,10 @@ class UrlOptions(NamedTuple):
     headers: Mapping[str, str] = {}
     db: str | None = None
     record_args: bool = False
+    budgets: tuple[Budget, ...] = ()
+    max_repeat: int | None = None
+    reject_as: str = "tool-error"
+    alert_webhook: str | None = None
 
 
 class _StdoutWriter:
@@ -571,10 +579,17 @@ def _read_stdin(
 
 def run_url(options: UrlOptions) -> int:
     """Relay our stdio to the server at ``options.url`` until stdin closes or a signal comes."""
-    from mcpmeter.wrap import start_audit_writer
+    from mcpmeter.wrap import budget_gate, start_audit_writer
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    writer = start_audit_writer(options.db)
+    meter_box: list[CallMeter] = []
+    # Refusals are written by the relay itself (_relay_url), so the gate's inject is unused.
+    gate, alerter = budget_gate(
+        options, lambda frame: None, lambda: meter_box[0].peers.server_name if meter_box else None
+    )
+    writer = start_audit_writer(
+        options.db, on_tick=gate.refresh, on_unavailable=gate.unavailable, after_write=gate.settle
+    )
     first_kind = "sse" if options.transport == "sse" else "http"
     upstream: list[HttpUpstream] = []  # the one upstream, once it exists
 
@@ -591,12 +606,16 @@ def run_url(options: UrlOptions) -> int:
         default_server=urlsplit(options.url).hostname or options.url,
         record_args=options.record_args,
     )
+    meter_box.append(meter)
     try:
-        return anyio.run(_relay_url, options, meter, upstream, backend="asyncio")
+        return anyio.run(_relay_url, options, meter, upstream, gate, backend="asyncio")
     finally:
         with meter.lock:
             meter.close()
         writer.close()
+        gate.close()
+        if alerter is not None:
+            alerter.close()
         if verbose():
             s = meter.stats
             warn(
@@ -605,7 +624,9 @@ def run_url(options: UrlOptions) -> int:
             )
 
 
-async def _relay_url(options: UrlOptions, meter: CallMeter, holder: list[HttpUpstream]) -> int:
+async def _relay_url(
+    options: UrlOptions, meter: CallMeter, holder: list[HttpUpstream], gate: BudgetGate
+) -> int:
     stdout_lost = threading.Event()
     out = _StdoutWriter(stdout_lost)
     send_lines, receive_lines = anyio.create_memory_object_stream[list[tuple[bytes, float]]](16)
@@ -623,6 +644,16 @@ async def _relay_url(options: UrlOptions, meter: CallMeter, holder: list[HttpUps
             async for batch in receive_lines:
                 for frame, seen in batch:
                     meter_frame(meter, C2S, frame, seen)
+                    if gate.active and b'"tools/call"' in frame:
+                        # A budget or the loop guard may answer it here (a store transaction:
+                        # off the event loop).
+                        verdict = await anyio.to_thread.run_sync(gate.check, frame)
+                        if verdict is not None:
+                            rpc_id, answer = verdict
+                            with meter.lock:
+                                meter.on_refused(C2S, rpc_id, len(answer), time.perf_counter())
+                            await out.write(answer + b"\n")
+                            continue
                     if frame.strip():
                         await upstream.send(frame)
         stop.set()  # stdin closed: the session is over
