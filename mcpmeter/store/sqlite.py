@@ -198,4 +198,3 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._db.close()
-
