@@ -184,16 +184,6 @@ def _check_budget_options(options: argparse.Namespace) -> None:
             raise UsageError(f"wrap: {name} must be zero or more")
     if not 0 < options.warn_at <= 1:
         raise UsageError("wrap: --warn-at is a fraction between 0 and 1")
-    gated = (
-        options.budget is not None
-        or options.max_calls is not None
-        or options.max_repeat is not None
-        or options.alert_webhook is not None
-    )
-    if gated and options.listen is not None:
-        raise UsageError(
-            "wrap: budget flags work with a server command or --url in this version, not --listen"
-        )
 
 
 def main(args: list[str]) -> int:
@@ -334,5 +324,9 @@ def _listen(options: argparse.Namespace, cmd: list[str], tenant: Tenant) -> int:
             db=options.db,
             kill_after=options.kill_after,
             record_args=options.record_args,
+            budgets_for=lambda session_tenant: _budgets(options, session_tenant),
+            max_repeat=options.max_repeat,
+            reject_as=options.reject_as,
+            alert_webhook=options.alert_webhook,
         )
     )

@@ -1097,3 +1097,17 @@ async def test_a_budget_on_wrap_url_answers_calls_past_it_itself_and_records_the
     rows = [r for r in read_rows(db_path) if r["method"] == "tools/call"]
     assert sorted(str(r["status"]) for r in rows) == ["ok", "ok", "rejected", "rejected"]
     assert all(r["upstream"] == "http" for r in rows)
+
+
+async def test_a_budget_on_listen_answers_calls_past_it_itself_per_session_and_records_them_rejected(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    calls = [("search", {"query": f"q{i}"}) for i in range(3)]
+    async with listening(meter_env, "--max-calls", "2") as (url, _running):
+        first = await sdk_session(f"{url}/mcp", "legacy", calls)
+        second = await sdk_session(f"{url}/mcp", "legacy", calls[:1])
+    assert [r["is_error"] for r in first.results] == [False, False, True]
+    assert "Budget exhausted" in first.results[2]["content"][0]["text"]
+    assert [r["is_error"] for r in second.results] == [False]  # a session budget: its own count
+    rows = [r for r in read_rows(db_path) if r["method"] == "tools/call"]
+    assert sorted(str(r["status"]) for r in rows) == ["ok", "ok", "ok", "rejected"]

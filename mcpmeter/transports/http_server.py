@@ -54,15 +54,17 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
-from typing import Any, NamedTuple
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
 
 import anyio
+import anyio.to_thread
 import httpx
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from mcpmeter.budget import BudgetGate
 from mcpmeter.errors import MeterError, UsageError
 from mcpmeter.log import verbose, warn, warn_once
 from mcpmeter.meters.audit import AuditWriter
@@ -90,6 +92,10 @@ from mcpmeter.transports.rpc import (
 )
 from mcpmeter.transports.sse import encode_event
 from mcpmeter.transports.upstream import Deliver, Upstream, UpstreamError, meter_frame
+
+if TYPE_CHECKING:
+    from mcpmeter.budget import Budget
+    from mcpmeter.store.base import Store
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -130,6 +136,11 @@ class ListenOptions(NamedTuple):
     db: str | None = None
     kill_after: float = 5.0
     record_args: bool = False
+    #: The flag budgets of one session's tags (``--budget``, ``--max-calls``); stored ones too.
+    budgets_for: Callable[[Tenant], tuple[Budget, ...]] | None = None
+    max_repeat: int | None = None
+    reject_as: str = "tool-error"
+    alert_webhook: str | None = None
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -334,6 +345,10 @@ class Session:
             default_server=gateway.server_name,
             record_args=gateway.options.record_args,
         )
+        # 2026-07-28 exchanges (a session per request, one tag set) share the gateway's gate.
+        self._own_gate = not modern
+        gate_for = gateway.modern_gate if modern else gateway.budget_gate
+        self.gate = gate_for(tenant, self._server_name)
         self.hints: dict[str, str] = {}  # jsonrpc_id -> X-Request-Id
         self.waiters: dict[IdKey, Waiter] = {}
         self.get_stream: EventStream | None = None
@@ -375,8 +390,24 @@ class Session:
         if not self.closed:
             await self.gateway.close_session(self)
 
+    def _server_name(self) -> str | None:
+        return self.meter.peers.server_name
+
     def meter_c2s(self, frame: bytes, seen: float) -> None:
         meter_frame(self.meter, C2S, frame, seen)
+
+    async def refusal(self, body: bytes, hs: list[Head], seen: float) -> bytes | None:
+        """The proxy's own answer when a budget or the loop guard refuses this tools/call."""
+        if not self.gate.active or len(hs) != 1 or hs[0].kind != REQUEST or hs[0].method != "tools/call":
+            return None
+        verdict = await anyio.to_thread.run_sync(self.gate.check, body)
+        if verdict is None:
+            return None
+        rpc_id, answer = verdict
+        self.meter_c2s(body, seen)
+        with self.meter.lock:
+            self.meter.on_refused(C2S, rpc_id, len(answer), time.perf_counter())
+        return answer
 
     async def on_upstream_frame(self, frame: bytes, seen: float) -> None:
         meter_frame(self.meter, S2C, frame, seen)
@@ -424,6 +455,9 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        if self._own_gate:
+            self.gateway.gates.discard(self.gate)
+            self.gate.close()
         self._watch.cancel()
         for waiter in set(self.waiters.values()):
             waiter.fail(reason)
@@ -447,6 +481,11 @@ class Gateway:
         self.options = options
         self.writer = writer
         self.tg = tg
+        budgets = _BUDGETS.get(id(writer)) or _Budgets(None)
+        #: Every live session's budget gate; the audit writer refreshes and settles them.
+        self.gates: set[BudgetGate] = budgets.gates
+        self.alerter = budgets.alerter
+        self._modern_gates: dict[tuple[str | None, str | None, str, str], BudgetGate] = {}
         self.sessions: dict[str, Session] = {}  # Mcp-Session-Id or /sse session_id -> session
         #: 2026-07-28 requests in flight, one short-lived session each (clients' ids may collide).
         self.exchanges: set[Session] = set()
@@ -528,6 +567,32 @@ class Gateway:
         await session.start()
         self.exchanges.add(session)
         return session
+
+    def modern_gate(self, tenant: Tenant, server_name: Callable[[], str | None]) -> BudgetGate:
+        """The gate 2026-07-28 requests with these tags share (each request is a session)."""
+        key = (tenant.project_id, tenant.agent_id, tenant.session_id, tenant.tags_json)
+        gate = self._modern_gates.get(key)
+        if gate is None:
+            gate = self._modern_gates[key] = self.budget_gate(tenant, server_name)
+        return gate
+
+    def budget_gate(self, tenant: Tenant, server_name: Callable[[], str | None]) -> BudgetGate:
+        """A session's gate: the flag budgets of its tags, the store's, the loop guard."""
+        from mcpmeter.wrap import _store_opener, resolve_db
+
+        options = self.options
+        gate = BudgetGate(
+            _store_opener(resolve_db(options.db)),
+            tenant,
+            inject=lambda frame: None,  # refusals are the POST's answer (see Session.refusal)
+            budgets=options.budgets_for(tenant) if options.budgets_for else (),
+            max_repeat=options.max_repeat,
+            reject_as=options.reject_as,
+            server_name=server_name,
+            alert=self.alerter,
+        )
+        self.gates.add(gate)
+        return gate
 
     async def close_session(self, session: Session, reason: str = "the server has exited") -> None:
         if self.sessions.get(session.id) is session:
@@ -709,6 +774,10 @@ class Gateway:
         if hint:
             for head in requests:
                 session.hints[str(head.id)] = hint
+        answer = await session.refusal(body, hs, seen)
+        if answer is not None:
+            await respond(send, 200, answer, headers=extra)
+            return
         waiter = session.wait_for(requests) if requests else None
         session.busy += 1
         self._begin()
@@ -870,6 +939,11 @@ class Gateway:
                     session.hints[str(head.id)] = hint
         upstream = session.upstream
         assert upstream is not None
+        answer = await session.refusal(body, hs, seen)
+        if answer is not None and session.legacy_stream is not None:
+            await session.legacy_stream.push(answer)
+            await respond(send, 202, b"Accepted", b"text/plain")
+            return
         session.meter_c2s(body, seen)
         try:
             await upstream.send(body)
@@ -942,6 +1016,21 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Budgets:
+    """What budgets need across the sessions of one ``--listen``: every live session's gate
+    (the audit writer refreshes and settles them) and the webhook alerter they share."""
+
+    def __init__(self, alert_webhook: str | None) -> None:
+        from mcpmeter.wrap import _alerter
+
+        self.gates: set[BudgetGate] = set()
+        self.alerter = _alerter(alert_webhook)
+
+
+#: The budgets of each running ``--listen``, by its audit writer's id.
+_BUDGETS: dict[int, _Budgets] = {}
+
+
 def run_listen(options: ListenOptions) -> int:
     """Serve until SIGTERM/SIGINT/SIGHUP; then drain, close every session, write every row."""
     from mcpmeter.wrap import start_audit_writer
@@ -949,12 +1038,33 @@ def run_listen(options: ListenOptions) -> int:
     check_options(options)
     sock = _bind(options.host, options.port)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    writer = start_audit_writer(options.db)
+    budgets = _Budgets(options.alert_webhook)
+    gates = budgets.gates
+
+    def on_tick(store: Store) -> None:
+        for gate in list(gates):
+            gate.refresh(store)
+
+    def on_unavailable() -> None:
+        for gate in list(gates):
+            gate.unavailable()
+
+    def after_write(store: Store, records: Sequence[CallRecord]) -> None:
+        for gate in list(gates):
+            gate.settle(store, records)
+
+    writer = start_audit_writer(
+        options.db, on_tick=on_tick, on_unavailable=on_unavailable, after_write=after_write
+    )
+    _BUDGETS[id(writer)] = budgets
     try:
         anyio.run(_serve, options, writer, sock, backend="asyncio")
     finally:
         sock.close()
         writer.close()
+        _BUDGETS.pop(id(writer), None)
+        if budgets.alerter is not None:
+            budgets.alerter.close()
         if verbose():
             warn(f"{writer.written} rows written, {writer.spilled} spilled")
     return 0
