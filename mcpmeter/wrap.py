@@ -89,20 +89,26 @@ def run_wrap(options: WrapOptions) -> int:
     try:
         return _relay(server, meter, options.kill_after, gate, client_out)
     finally:
-        with meter.lock:  # stdin may still be open: its pump could be metering
-            meter.close()
-        writer.close()
-        gate.close()
-        if alerter is not None:
-            alerter.close()
-        if verbose():
-            s = meter.stats
-            warn(
-                f"{s.frames} frames ({s.requests} requests, {s.responses} responses, "
-                f"{s.notifications} notifications, {s.not_json} not JSON, {s.not_jsonrpc} not JSON-RPC, "
-                f"{s.unmatched_responses} unmatched); {writer.written} rows written, "
-                f"{writer.spilled} spilled, {writer.recovered} recovered"
-            )
+        finish(meter, writer, gate, alerter)
+
+
+def finish(meter: CallMeter, writer: AuditWriter, gate: BudgetGate, alerter: WebhookAlerter | None) -> None:
+    """The end of a relay: pending calls become rows, every row is written, gate and alerter
+    stop; with ``MCPMETER_LOG=info``, a one-line summary on stderr."""
+    with meter.lock:  # stdin may still be open: its pump could be metering
+        meter.close()
+    writer.close()
+    gate.close()
+    if alerter is not None:
+        alerter.close()
+    if verbose():
+        s = meter.stats
+        warn(
+            f"{s.frames} frames ({s.requests} requests, {s.responses} responses, "
+            f"{s.notifications} notifications, {s.not_json} not JSON, {s.not_jsonrpc} not JSON-RPC, "
+            f"{s.unmatched_responses} unmatched); {writer.written} rows written, "
+            f"{writer.spilled} spilled, {writer.recovered} recovered"
+        )
 
 
 #: Where spans and the duration histogram go (``--otlp-endpoint`` or the ``OTEL_EXPORTER_OTLP_*``

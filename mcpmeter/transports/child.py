@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
 from collections.abc import Sequence
@@ -21,7 +20,7 @@ from anyio.abc import TaskGroup
 
 from mcpmeter.frame import LineSplitter
 from mcpmeter.transports.rpc import one_line
-from mcpmeter.transports.stdio import _parent_death_guard
+from mcpmeter.transports.stdio import _parent_death_guard, group_alive, signal_group
 from mcpmeter.transports.upstream import Deliver, UpstreamError
 
 CHUNK = 1 << 16
@@ -97,24 +96,11 @@ class ChildServer:
 
     def signal(self, sig: int) -> None:
         """``sig`` to the server's process group (or to the server alone if it left it)."""
-        proc = self._proc
-        if proc is None:
-            return
-        try:
-            os.killpg(proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    proc.send_signal(sig)
+        if self._proc is not None:
+            signal_group(self._proc, sig)
 
     def _group_alive(self) -> bool:
-        if self._proc is None:
-            return False
-        try:
-            os.killpg(self._proc.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        return self._proc is not None and group_alive(self._proc.pid)
 
     def _close_stdin(self) -> None:
         proc = self._proc

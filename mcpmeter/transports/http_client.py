@@ -47,7 +47,7 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from mcpmeter.errors import MeterError, UsageError
 from mcpmeter.frame import LineSplitter
-from mcpmeter.log import verbose, warn, warn_once
+from mcpmeter.log import warn, warn_once
 from mcpmeter.meters.calls import C2S, S2C, CallMeter
 from mcpmeter.record import CallRecord
 from mcpmeter.relay import FdEndpoint
@@ -579,7 +579,7 @@ def _read_stdin(
 
 def run_url(options: UrlOptions) -> int:
     """Relay our stdio to the server at ``options.url`` until stdin closes or a signal comes."""
-    from mcpmeter.wrap import budget_gate, start_audit_writer
+    from mcpmeter.wrap import budget_gate, finish, start_audit_writer
 
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     meter_box: list[CallMeter] = []
@@ -610,18 +610,7 @@ def run_url(options: UrlOptions) -> int:
     try:
         return anyio.run(_relay_url, options, meter, upstream, gate, backend="asyncio")
     finally:
-        with meter.lock:
-            meter.close()
-        writer.close()
-        gate.close()
-        if alerter is not None:
-            alerter.close()
-        if verbose():
-            s = meter.stats
-            warn(
-                f"{s.frames} frames ({s.requests} requests, {s.responses} responses, "
-                f"{s.notifications} notifications); {writer.written} rows written, {writer.spilled} spilled"
-            )
+        finish(meter, writer, gate, alerter)
 
 
 async def _relay_url(

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from mcpmeter.relay import FdEndpoint
 
@@ -82,24 +83,12 @@ class ServerProcess:
 
     def signal(self, sig: int) -> None:
         """Send ``sig`` to the server's process group (the server and what it spawned)."""
-        if self._proc is None:
-            return
-        try:
-            os.killpg(self._proc.pid, sig)
-        except (ProcessLookupError, PermissionError):
-            if self._proc.returncode is None:  # the server left its group: signal it alone
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    self._proc.send_signal(sig)
+        if self._proc is not None:
+            signal_group(self._proc, sig)
 
     def group_alive(self) -> bool:
         """Whether any process is left in the server's process group."""
-        if self._proc is None:
-            return False
-        try:
-            os.killpg(self._proc.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
+        return self._proc is not None and group_alive(self._proc.pid)
 
     def reap_group(self, kill_after: float) -> None:
         """After the server exits: SIGTERM what it left in its group, SIGKILL after ``kill_after``.
@@ -120,6 +109,35 @@ class ServerProcess:
             with contextlib.suppress(OSError):
                 self._proc.stdout.close()
         self.close_stdin()
+
+
+class _Child(Protocol):
+    pid: int
+
+    @property
+    def returncode(self) -> int | None: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+def signal_group(proc: _Child, sig: int) -> None:
+    """Send ``sig`` to the process group ``proc`` leads (what it spawned too); to ``proc``
+    alone if it left its group while still running."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                proc.send_signal(sig)
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process is left in the process group ``pgid``."""
+    try:
+        os.killpg(pgid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    return True
 
 
 def exit_status(returncode: int | None) -> int:
