@@ -7,8 +7,9 @@ What it does, in about ten seconds:
 2. drives each with the real SDK client: fast calls, a slow call, a failing call and a large
    result, each stamped with the id of the LLM call that decided it (``_meta``), the way an
    agent runtime would;
-3. runs ``mcpmeter export`` and prints what finance asks for: calls, errors, latency and bytes
-   per agent and tool, and the rows that join to the LLM ledger.
+3. runs ``mcpmeter export`` and prints calls, errors, latency and bytes per agent and tool;
+4. with tool prices set and each LLM call's tokens in the ledger, runs ``mcpmeter report``
+   for what finance asks: the all-in cost (tools + LLM) per customer and agent.
 
 Run it with ``make run`` (or ``python examples/demo.py``). The store is ``demo-data/audit.db``
 unless ``MCPMETER_DB`` says otherwise; it is recreated on every run.
@@ -31,6 +32,8 @@ from mcp import Client, StdioServerParameters
 from rich.console import Console
 from rich.table import Table
 
+from mcpmeter import ledger
+
 HERE = Path(__file__).resolve().parent
 MCPMETER = str(Path(sys.executable).with_name("mcpmeter"))
 console = Console(width=max(100, shutil.get_terminal_size().columns))
@@ -52,12 +55,29 @@ def meter_params(db: Path, project: str, agent: str) -> StdioServerParameters:
     )
 
 
+MODEL = "claude-sonnet-4-5"
+
+
 async def run_agent(db: Path, project: str, agent: str, questions: list[str]) -> None:
-    """One agent session: each tool call carries the id of the LLM call that asked for it."""
+    """One agent session: each tool call carries the id of the LLM call that asked for it.
+
+    The agent runtime also writes each LLM call's token counts to the ledger (here with the
+    Python API, as a runtime would; `mcpmeter ledger import` takes provider exports too).
+    """
     async with Client(meter_params(db, project, agent), mode="legacy") as client:
         await client.list_tools()
-        for question in questions:
+        for n, question in enumerate(questions):
             llm_call = f"chatcmpl-{uuid.uuid4().hex[:12]}"
+            ledger.record(
+                request_id=llm_call,
+                model=MODEL,
+                prompt_tokens=12_000 + 4_000 * n,
+                completion_tokens=600,
+                cached_tokens=8_000,
+                agent_id=agent,
+                project_id=project,
+                db=str(db),
+            )
             meta = {"dev.mcpmeter/requestId": llm_call}
             await client.call_tool("search", {"query": question}, meta=meta)
             await client.call_tool(
@@ -112,6 +132,18 @@ def main() -> None:
             tg.start_soon(run_agent, db, "acme", "onboarding_bot", ["invoices", "customers"])
             tg.start_soon(run_agent, db, "globex", "billing_agent", ["refunds", "orders", "tickets"])
 
+    # What the tools cost: per call, and per KB of response for the report tool.
+    for pattern, flags in (
+        ("demo-server/*", ["--per-call", "0.001"]),
+        ("demo-server/summarize", ["--per-call", "0.01"]),
+        ("demo-server/fetch_report", ["--per-call", "0.002", "--per-kb", "0.0001"]),
+    ):
+        subprocess.run(
+            [MCPMETER, "prices", "set", "tool", pattern, *flags, "--from", "2020-01-01", "--db", str(db)],
+            check=True,
+            capture_output=True,
+        )
+
     anyio.run(agents)
     rows = export_rows(db)
     console.print(summary_table(rows))
@@ -129,9 +161,16 @@ def main() -> None:
             for key in ("project_id", "agent_id", "tool", "request_id", "latency_ms", "status")
         )
     )
-    console.print(
-        f"\nTry: [cyan]{Path(MCPMETER).name} export --db {db} --format csv --agent billing_agent[/cyan]"
+    console.print(f"\n[bold]All-in cost[/bold] (`mcpmeter report --by project,agent`; {MODEL} list prices):")
+    report = subprocess.run(
+        [MCPMETER, "report", "--by", "project,agent", "--db", str(db)],
+        check=True,
+        capture_output=True,
+        text=True,
     )
+    sys.stdout.write(report.stdout)  # as the command prints it (its own widths)
+    sys.stdout.flush()
+    console.print(f"\nTry: [cyan]mcpmeter report invocations --db {db}[/cyan]")
 
 
 if __name__ == "__main__":
