@@ -291,7 +291,7 @@ class Pump:
             nl = complete.index(b"\n", start) + 1
             line = complete[start:nl]
             start = nl
-            verdict = gate.check(line[:-1]) if b'"tools/call"' in line else None
+            verdict = gate_verdict(gate, line[:-1]) if b'"tools/call"' in line else None
             if verdict is None:
                 forward.append(line)
             else:
@@ -301,3 +301,13 @@ class Pump:
                 self.sink.write(forward[0] if len(forward) == 1 else b"".join(forward))
             except OSError:
                 self._lose_sink()
+
+
+def gate_verdict(gate: Gate, frame: bytes) -> tuple[object, bytes] | None:
+    """The gate's verdict; when the gate itself fails (its store is down), the call goes on:
+    the store failing never stops the relay."""
+    try:
+        return gate.check(frame)
+    except Exception as exc:
+        warn_once("gate-error", f"budget check failed, calls are forwarded unchecked: {exc}")
+        return None

@@ -311,3 +311,16 @@ def test_with_the_gate_active_allowed_frames_reach_the_server_byte_for_byte(
         proc.stdin.flush()
     out, _ = proc.communicate(timeout=60)
     assert out == data
+
+
+def test_when_the_store_cannot_be_used_budget_checks_fail_open_and_the_relay_goes_on(
+    meter_env: dict[str, str], tmp_path: Path
+) -> None:
+    blocked = tmp_path / "blocked.db"
+    blocked.mkdir()  # SQLite cannot open a directory: the store is down for the whole run
+    result = run_raw({**meter_env, "MCPMETER_DB": str(blocked)}, call(1) + call(2), "--max-calls", "1")
+    got = answers(result.stdout)
+    assert result.returncode == 0
+    assert [got[i]["result"].get("isError") for i in (1, 2)] == [None, None]  # both reached the server
+    assert b"budget check failed, calls are forwarded unchecked" in result.stderr
+    assert (tmp_path / "blocked.db.spill.jsonl").exists()  # and the rows were kept

@@ -50,7 +50,7 @@ from mcpmeter.frame import LineSplitter
 from mcpmeter.log import warn, warn_once
 from mcpmeter.meters.calls import C2S, S2C, CallMeter
 from mcpmeter.record import CallRecord
-from mcpmeter.relay import FdEndpoint
+from mcpmeter.relay import FdEndpoint, gate_verdict
 from mcpmeter.tags import Tenant
 from mcpmeter.transports.rpc import (
     REQUEST,
@@ -636,7 +636,7 @@ async def _relay_url(
                     if gate.active and b'"tools/call"' in frame:
                         # A budget or the loop guard may answer it here (a store transaction:
                         # off the event loop).
-                        verdict = await anyio.to_thread.run_sync(gate.check, frame)
+                        verdict = await anyio.to_thread.run_sync(gate_verdict, gate, frame)
                         if verdict is not None:
                             rpc_id, answer = verdict
                             with meter.lock:

@@ -70,6 +70,7 @@ from mcpmeter.log import verbose, warn, warn_once
 from mcpmeter.meters.audit import AuditWriter
 from mcpmeter.meters.calls import C2S, S2C, CallMeter
 from mcpmeter.record import CallRecord
+from mcpmeter.relay import gate_verdict
 from mcpmeter.tags import Tenant, new_session_id
 from mcpmeter.transports.child import ChildServer
 from mcpmeter.transports.http_client import HttpUpstream, new_client
@@ -400,7 +401,7 @@ class Session:
         """The proxy's own answer when a budget or the loop guard refuses this tools/call."""
         if not self.gate.active or len(hs) != 1 or hs[0].kind != REQUEST or hs[0].method != "tools/call":
             return None
-        verdict = await anyio.to_thread.run_sync(self.gate.check, body)
+        verdict = await anyio.to_thread.run_sync(gate_verdict, self.gate, body)
         if verdict is None:
             return None
         rpc_id, answer = verdict
