@@ -164,21 +164,8 @@ def key_sql(key: str, d: Dialect) -> tuple[str, str]:
 
 
 def tool_where(where: CallFilter) -> tuple[list[str], list[Any]]:
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column, op, value in (
-        ("ts", ">=", where.since),
-        ("ts", "<", where.until),
-        ("project_id", "=", where.project_id),
-        ("agent_id", "=", where.agent_id),
-        ("session_id", "=", where.session_id),
-        ("tool", "=", where.tool),
-        ("status", "=", where.status),
-    ):
-        if value is not None:
-            clauses.append(f"c.{column} {op} ?")
-            params.append(value)
-    return clauses, params
+    """Tool rows (alias ``c``) by every filter of ``where``."""
+    return where.clauses("c.")
 
 
 def llm_where(where: CallFilter) -> tuple[list[str], list[Any]]:

@@ -7,8 +7,11 @@ import sqlite3
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from mcpmeter.record import CallRecord
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -30,6 +33,39 @@ def meter_env(db_path: Path) -> Iterator[dict[str, str]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCPMETER_")}
     env["MCPMETER_DB"] = str(db_path)
     yield env
+
+
+def call_record(**fields: Any) -> CallRecord:
+    """A settled tools/call as the meter would hand it to the writer; ``fields`` override."""
+    values: dict[str, Any] = {
+        "ts": 1_700_000_000.0,
+        "latency_ms": 12.5,
+        "project_id": "acme",
+        "agent_id": "planner",
+        "session_id": "s-1",
+        "tags": '{"team":"growth"}',
+        "server": "demo-server",
+        "transport": "stdio",
+        "upstream": "stdio",
+        "direction": "c2s",
+        "method": "tools/call",
+        "tool": "search",
+        "jsonrpc_id": "1",
+        "request_id": None,
+        "trace_id": None,
+        "request_bytes": 120,
+        "response_bytes": 480,
+        "status": "ok",
+        "error_code": None,
+        "error_message": None,
+        "cost_usd": None,
+        "client_name": "claude-code",
+        "client_version": "2.1.0",
+        "server_version": "1.4.2",
+        "protocol_version": "2025-06-18",
+    }
+    values.update(fields)
+    return CallRecord(**values)
 
 
 def read_rows(db: Path) -> list[dict[str, object]]:

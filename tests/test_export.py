@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MCPMETER, PYTHON
+from conftest import MCPMETER, PYTHON, call_record
 
 from mcpmeter.record import INSERT_COLUMNS, CallRecord
 from mcpmeter.store import SQLiteStore
@@ -54,35 +54,7 @@ HOUR = 3600.0
 
 
 def record(ts: float, jsonrpc_id: str, **fields: Any) -> CallRecord:
-    values: dict[str, Any] = {
-        "ts": ts,
-        "latency_ms": 12.5,
-        "project_id": "acme",
-        "agent_id": "planner",
-        "session_id": "s-1",
-        "tags": '{"team":"growth"}',
-        "server": "demo-server",
-        "transport": "stdio",
-        "upstream": "stdio",
-        "direction": "c2s",
-        "method": "tools/call",
-        "tool": "search",
-        "jsonrpc_id": jsonrpc_id,
-        "request_id": None,
-        "trace_id": None,
-        "request_bytes": 120,
-        "response_bytes": 480,
-        "status": "ok",
-        "error_code": None,
-        "error_message": None,
-        "cost_usd": None,
-        "client_name": "claude-code",
-        "client_version": "2.1.0",
-        "server_version": "1.4.2",
-        "protocol_version": "2025-06-18",
-    }
-    values.update(fields)
-    return CallRecord(**values)
+    return call_record(**{"ts": ts, "jsonrpc_id": jsonrpc_id, **fields})
 
 
 @pytest.fixture

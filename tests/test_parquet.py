@@ -20,7 +20,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import MCPMETER, PYTHON
+from conftest import MCPMETER, PYTHON, call_record
 
 from mcpmeter.record import COLUMNS, CallRecord
 from mcpmeter.store import SQLiteStore
@@ -30,35 +30,7 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 def record(ts: float, jsonrpc_id: str, **fields: Any) -> CallRecord:
-    values: dict[str, Any] = {
-        "ts": ts,
-        "latency_ms": 12.5,
-        "project_id": "acme",
-        "agent_id": "planner",
-        "session_id": "s-1",
-        "tags": '{"team":"growth"}',
-        "server": "demo-server",
-        "transport": "stdio",
-        "upstream": "stdio",
-        "direction": "c2s",
-        "method": "tools/call",
-        "tool": "search",
-        "jsonrpc_id": jsonrpc_id,
-        "request_id": None,
-        "trace_id": None,
-        "request_bytes": 120,
-        "response_bytes": 480,
-        "status": "ok",
-        "error_code": None,
-        "error_message": None,
-        "cost_usd": None,
-        "client_name": "claude-code",
-        "client_version": "2.1.0",
-        "server_version": "1.4.2",
-        "protocol_version": "2025-11-25",
-    }
-    values.update(fields)
-    return CallRecord(**values)
+    return call_record(**{"ts": ts, "jsonrpc_id": jsonrpc_id, "protocol_version": "2025-11-25", **fields})
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import MCPMETER, PYTHON, ROOT
+from conftest import MCPMETER, PYTHON, ROOT, call_record
 from stores import BACKENDS, Backend, make_backend, require_postgres, subprocess_env
 
 from mcpmeter.errors import StoreError
@@ -60,35 +60,12 @@ ISO_UTC_MICROS = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z$")
 
 def record(**fields: Any) -> CallRecord:
     """A settled tools/call; ``fields`` override any column."""
-    values: dict[str, Any] = {
+    defaults = {
         "ts": 1_700_000_000.123456,
-        "latency_ms": 12.5,
-        "project_id": "acme",
-        "agent_id": "planner",
-        "session_id": "s-1",
-        "tags": '{"team":"growth"}',
-        "server": "demo-server",
-        "transport": "stdio",
-        "upstream": "stdio",
-        "direction": "c2s",
-        "method": "tools/call",
-        "tool": "search",
-        "jsonrpc_id": "1",
         "request_id": "chatcmpl-1",
         "trace_id": "4bf92f3577b34da6a3ce929d0e0e4736",
-        "request_bytes": 120,
-        "response_bytes": 480,
-        "status": "ok",
-        "error_code": None,
-        "error_message": None,
-        "cost_usd": None,
-        "client_name": "claude-code",
-        "client_version": "2.1.0",
-        "server_version": "1.4.2",
-        "protocol_version": "2025-06-18",
     }
-    values.update(fields)
-    return CallRecord(**values)
+    return call_record(**{**defaults, **fields})
 
 
 @pytest.fixture(params=BACKENDS)

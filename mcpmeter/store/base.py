@@ -23,8 +23,9 @@ class CallFilter:
     status: str | None = None
     after_id: int | None = None
 
-    def where(self, placeholder: str = "?") -> tuple[str, list[Any]]:
-        """A SQL ``WHERE`` clause (or "") and its parameters."""
+    def clauses(self, alias: str = "", placeholder: str = "?") -> tuple[list[str], list[Any]]:
+        """The conditions on ``calls`` (columns prefixed with ``alias``, e.g. ``"c."``) and their
+        parameters."""
         clauses: list[str] = []
         params: list[Any] = []
         for column, op, value in (
@@ -38,8 +39,13 @@ class CallFilter:
             ("id", ">", self.after_id),
         ):
             if value is not None:
-                clauses.append(f"{column} {op} {placeholder}")
+                clauses.append(f"{alias}{column} {op} {placeholder}")
                 params.append(value)
+        return clauses, params
+
+    def where(self, placeholder: str = "?") -> tuple[str, list[Any]]:
+        """A SQL ``WHERE`` clause (or "") and its parameters."""
+        clauses, params = self.clauses(placeholder=placeholder)
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
