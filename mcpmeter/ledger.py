@@ -40,10 +40,18 @@ For ``openai`` and ``anthropic`` lines, top-level ``agent_id``/``project_id`` me
 same keys in ``metadata``) are read when present. The default ``source`` of a provider
 format is the format's name: request ids from one provider are unique, so overlapping or
 renamed exports of the same calls import once.
+
+Every token count (each field a format reads, and the prompt an Anthropic message adds up) is
+an integer from 0 to :data:`MAX_TOKENS` (10^12), so that sums over the store stay far inside
+64-bit integers; ``cached_tokens`` is at most ``prompt_tokens``. Times are ISO-8601 text,
+taken as written, or POSIX epoch numbers: seconds below 10^11, milliseconds from there; from
+1970 to the end of year 9999 UTC. A record that breaks a rule is a bad row: skipped and
+counted (or, with ``--strict``, the end of the import).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -51,7 +59,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from itertools import chain
 from types import TracebackType
 from typing import IO, Any
@@ -61,6 +69,7 @@ import orjson
 from mcpmeter.errors import MeterError, UsageError
 from mcpmeter.record import iso_utc
 from mcpmeter.store import Store, open_store, resolve_db
+from mcpmeter.timeparse import iso_exact
 
 #: The ledger's columns, in the order JSON lines and CSV files give them.
 COLUMNS: tuple[str, ...] = (
@@ -78,6 +87,21 @@ COLUMNS: tuple[str, ...] = (
 FORMATS = ("auto", "jsonl", "csv", "litellm", "openai", "anthropic")
 #: Rows per insert transaction during an import.
 BATCH = 1000
+#: The most tokens one row may count in any token column (and in the prompt an Anthropic
+#: message adds up). The store keeps 64-bit integers and ``report`` sums them: SQLite's
+#: ``sum()`` fails ("integer overflow") past 2**63 - 1, about 9.2 * 10**18. The largest context
+#: windows hold about 10**7 tokens, so 10**12 is five orders of magnitude above any real call
+#: (room for a day's usage imported as one row), and still takes some 9.2 million rows, all at
+#: the bound, before any sum (or ``prompt_tokens + completion_tokens``) nears 2**63.
+MAX_TOKENS = 10**12
+#: An epoch number at or above this is milliseconds, below it seconds: 10**11 seconds is
+#: 5138-11-16, 10**11 milliseconds 1973-03-03, so each reading covers every real call time.
+MILLISECONDS_FROM = 10**11
+#: The last instant a row may carry, in microseconds since the epoch: 9999-12-31T23:59:59.999999Z
+#: (the store's text has four-digit years). The first is the epoch itself.
+_LAST_MICROSECOND = 253_402_300_799_999_999
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_RANGE = "1970-01-01T00:00:00Z to 9999-12-31T23:59:59.999999Z"
 
 _INSERT = (
     f"INSERT INTO llm_calls ({', '.join(COLUMNS)}) VALUES ({', '.join('?' for _ in COLUMNS)})"
@@ -122,6 +146,13 @@ class LedgerRow:
     source: str = "manual"
     tags: str = "{}"
 
+    def __post_init__(self) -> None:
+        """A row is writable or not made: counts within :data:`MAX_TOKENS`, cached within prompt."""
+        for field in ("prompt_tokens", "completion_tokens", "cached_tokens"):
+            _bounded(getattr(self, field), getattr(self, field), field)
+        if self.cached_tokens > self.prompt_tokens:
+            raise BadRow("cached_tokens", _more_cached(self.cached_tokens, self.prompt_tokens))
+
     def values(self) -> tuple[Any, ...]:
         return (
             self.ts,
@@ -156,8 +187,21 @@ def _opt_text(value: Any, field: str) -> str | None:
     return None if _missing(value) else _text(value, field)
 
 
+def _bounded(number: Any, value: Any, field: str) -> int:
+    """``number`` when it is an integer from 0 to :data:`MAX_TOKENS` (``value`` as given)."""
+    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
+        raise BadRow(field, f"expected a non-negative integer, got {_show(value)}")
+    if number > MAX_TOKENS:
+        raise BadRow(field, f"expected at most {MAX_TOKENS:,} tokens for one call, got {_show(value)}")
+    return number
+
+
+def _more_cached(cached: int, prompt: int) -> str:
+    return f"{cached} cached tokens is more than the {prompt} prompt tokens"
+
+
 def _count(value: Any, field: str, *, required: bool = True) -> int:
-    """A token count: a non-negative integer (CSV text and integral floats accepted)."""
+    """A token count: an integer from 0 to :data:`MAX_TOKENS` (CSV text and integral floats accepted)."""
     if _missing(value):
         if required:
             raise BadRow(field, "missing")
@@ -170,37 +214,71 @@ def _count(value: Any, field: str, *, required: bool = True) -> int:
             number = None
     if isinstance(number, float) and number.is_integer():
         number = int(number)
-    if isinstance(number, bool) or not isinstance(number, int) or number < 0:
-        raise BadRow(field, f"expected a non-negative integer, got {_show(value)}")
-    return number
+    return _bounded(number, value, field)
 
 
 def _ts(value: Any, field: str) -> str:
-    """A time: ISO-8601 (no zone means UTC) or POSIX seconds (milliseconds when > 1e11)."""
+    """A time, from 1970 to the end of year 9999 UTC, as the store's ISO text.
+
+    ISO-8601 text (no zone means UTC) is taken as written, to the microsecond. A number, or
+    text that is one (a CSV cell), is a POSIX epoch: seconds below :data:`MILLISECONDS_FROM`
+    (1e11, up to 5138-11-16), milliseconds from there (1973-03-03 on, up to
+    253402300799999, the last millisecond of 9999). Larger numbers (microseconds,
+    nanoseconds) are refused, never guessed at.
+    """
     if _missing(value):
         raise BadRow(field, "missing")
-    seconds: float | None = None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise BadRow(field, "a datetime needs a time zone")
+        return _iso_in_range(value, field, value)
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
+        return _epoch(value, field, value)
+    if isinstance(value, str):
         text = value.strip()
+        number: int | float | None = None
         try:
-            seconds = float(text)
+            number = int(text)
         except ValueError:
-            try:
-                moment = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" else text)
-            except ValueError:
-                raise BadRow(
-                    field, f"expected an ISO-8601 time or POSIX seconds, got {_show(value)}"
-                ) from None
-            if moment.tzinfo is None:
-                moment = moment.replace(tzinfo=UTC)
-            seconds = moment.timestamp()
-    if seconds is None or not math.isfinite(seconds) or seconds < 0:
+            with contextlib.suppress(ValueError):
+                number = float(text)
+        if number is not None:
+            return _epoch(number, field, value)
+        try:
+            moment = datetime.fromisoformat(text[:-1] + "+00:00" if text[-1:] in "Zz" else text)
+        except ValueError:
+            pass
+        else:
+            return _iso_in_range(moment if moment.tzinfo else moment.replace(tzinfo=UTC), field, value)
+    raise BadRow(field, f"expected an ISO-8601 time or POSIX seconds, got {_show(value)}")
+
+
+def _iso_in_range(moment: datetime, field: str, value: Any) -> str:
+    try:
+        if moment >= _EPOCH:
+            return iso_exact(moment)
+    except OverflowError:  # past 9999 once in UTC
+        pass
+    raise BadRow(field, f"expected a time from {_RANGE}, got {_show(value)}")
+
+
+def _epoch(number: int | float, field: str, value: Any) -> str:
+    """POSIX seconds, or milliseconds from :data:`MILLISECONDS_FROM` on, as ISO text.
+
+    Integers convert exactly; a float to the nearest microsecond it can tell apart.
+    """
+    if not math.isfinite(number) or number < 0:
         raise BadRow(field, f"expected an ISO-8601 time or POSIX seconds, got {_show(value)}")
-    if seconds > 1e11:
-        seconds /= 1000.0
-    return iso_utc(seconds)
+    per_unit = 1_000 if number >= MILLISECONDS_FROM else 1_000_000
+    whole = int(number)
+    micros = whole * per_unit + round((number - whole) * per_unit)
+    if micros > _LAST_MICROSECOND:
+        raise BadRow(
+            field,
+            f"expected POSIX seconds (below 10^11) or milliseconds (up to {_LAST_MICROSECOND // 1000},"
+            f" the end of year 9999), got {_show(value)}",
+        )
+    return iso_exact(_EPOCH + timedelta(microseconds=micros))
 
 
 def _tags(value: Any, field: str) -> str:
@@ -271,11 +349,11 @@ def _row(
     source: str,
     tags: str,
     cached_field: str = "cached_tokens",
+    prompt_field: str = "prompt_tokens",
 ) -> LedgerRow:
+    _bounded(prompt_tokens, prompt_tokens, prompt_field)
     if cached_tokens > prompt_tokens:
-        raise BadRow(
-            cached_field, f"{cached_tokens} cached tokens is more than the {prompt_tokens} prompt tokens"
-        )
+        raise BadRow(cached_field, _more_cached(cached_tokens, prompt_tokens))
     return LedgerRow(
         ts,
         agent_id,
@@ -439,6 +517,7 @@ def _from_anthropic(rec: Mapping[str, Any], source: str, now: float) -> LedgerRo
         cached_tokens=read,
         source=source,
         tags="{}",
+        prompt_field="usage.input_tokens + cache_creation_input_tokens + cache_read_input_tokens",
     )
 
 
@@ -601,18 +680,16 @@ class Ledger:
 
         ``agent_id``, ``project_id`` and ``tags`` default to ``MCPMETER_AGENT_ID`` (or
         ``MCPMETER_AGENT_NAME``), ``MCPMETER_PROJECT_ID`` and ``MCPMETER_TAGS``, as for ``wrap``.
-        ``ts`` (POSIX seconds, an aware datetime or ISO text) defaults to now. A bad value
-        raises :class:`BadRow` (a ``ValueError``) naming the field.
+        ``ts`` (an aware datetime, ISO text, or a POSIX epoch number: seconds below 10^11,
+        milliseconds from there, see :func:`_ts`) defaults to now. Token counts are integers
+        from 0 to :data:`MAX_TOKENS`. A bad value raises :class:`BadRow` (a ``ValueError``)
+        naming the field, and nothing is written.
         """
         from mcpmeter.tags import parse_tag_pairs
 
         env = os.environ
         if tags is None:
             tags = parse_tag_pairs(env.get("MCPMETER_TAGS", "").split(","), "MCPMETER_TAGS")
-        if isinstance(ts, datetime):
-            if ts.tzinfo is None:
-                raise BadRow("ts", "a datetime needs a time zone")
-            ts = ts.timestamp()
         row = _row(
             ts=iso_utc(time.time()) if ts is None else _ts(ts, "ts"),
             agent_id=_opt_text(agent_id, "agent_id")
@@ -631,7 +708,11 @@ class Ledger:
         return self.write([row]) == 1
 
     def write(self, rows: Iterable[LedgerRow]) -> int:
-        """Insert ``rows`` in one transaction; the number new to the ledger."""
+        """Insert ``rows`` in one transaction; the number new to the ledger.
+
+        Every :class:`LedgerRow` was checked when it was made (a bad count raises
+        :class:`BadRow` there), so a batch never fails on one row's values.
+        """
         with self.store.transaction():
             return self.store.executemany(_INSERT, [row.values() for row in rows])
 

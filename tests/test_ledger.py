@@ -18,9 +18,10 @@ from typing import Any
 import orjson
 import pytest
 from conftest import MCPMETER
+from stores import BACKENDS, Backend, make_backend, subprocess_env
 
 from mcpmeter.errors import UsageError
-from mcpmeter.ledger import BadRow, Ledger, import_file, record
+from mcpmeter.ledger import MAX_TOKENS, BadRow, Ledger, LedgerRow, import_file, record
 from mcpmeter.store import SQLiteStore
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -701,3 +702,387 @@ def test_ledger_add_with_a_negative_count_is_a_one_line_usage_error(meter_env: d
     assert done.returncode == 2
     assert done.stderr.startswith("mcpmeter: Invalid value for '--prompt-tokens'")
     assert done.stderr.count("\n") == 1
+
+
+# -- bounds: token counts and times ------------------------------------------------------------
+
+#: One more than SQLite (and Postgres BIGINT) can hold, a count that fits but makes every sum
+#: overflow, and the first count past the ledger's bound.
+TOO_BIG = (99999999999999999999999999, 2**63 - 1, MAX_TOKENS + 1)
+TOO_BIG_MESSAGE = "expected at most 1,000,000,000,000 tokens for one call"
+LAST_SECOND = "9999-12-31T23:59:59.000000Z"
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Backend]:
+    with make_backend(request.param, tmp_path, monkeypatch) as made:
+        yield made
+
+
+def ledger_call(n: int, **fields: Any) -> dict[str, Any]:
+    """A ledger JSON line: call ``n`` of agent ``a``, 10 prompt and 2 completion tokens."""
+    call = {
+        "ts": "2026-11-03T09:00:00Z",
+        "agent_id": "a",
+        "request_id": f"r{n}",
+        "model": "gpt-4.1",
+        "prompt_tokens": 10,
+        "completion_tokens": 2,
+    }
+    return call | fields
+
+
+def report_json(env: dict[str, str]) -> list[dict[str, Any]]:
+    done = mcpmeter(env, "report", "--by", "agent", "--format", "json")
+    assert done.returncode == 0, done.stderr
+    return list(json.loads(done.stdout))
+
+
+def test_a_thousand_row_import_with_one_overflowing_count_stores_999_rows_and_skips_one(
+    backend: Backend, tmp_path: Path
+) -> None:
+    calls = [ledger_call(n) for n in range(1000)]
+    calls[500]["prompt_tokens"] = TOO_BIG[0]
+    file = write_lines(tmp_path / "calls.jsonl", calls)
+
+    done = mcpmeter(subprocess_env(backend, tmp_path), "ledger", "import", str(file))
+
+    assert (done.returncode, done.stderr) == (
+        0,
+        f"imported 999, skipped 1 (first: {file}:501 prompt_tokens: {TOO_BIG_MESSAGE}, got 1e+26)\n",
+    )
+    assert backend.sql("SELECT count(*), sum(prompt_tokens) FROM llm_calls") == [(999, 9990)]
+
+
+def test_a_row_of_2_63_minus_1_tokens_is_skipped_and_report_still_sums_the_others(
+    backend: Backend, tmp_path: Path
+) -> None:
+    env = subprocess_env(backend, tmp_path)
+    huge = 2**63 - 1
+    calls = [
+        ledger_call(1),
+        ledger_call(2, prompt_tokens=huge, cached_tokens=huge),
+        ledger_call(3, completion_tokens=huge),
+        ledger_call(4, prompt_tokens=huge),
+        ledger_call(5),
+    ]
+    file = write_lines(tmp_path / "calls.jsonl", calls)
+
+    done = mcpmeter(env, "ledger", "import", str(file))
+
+    assert done.stderr.startswith(f"imported 2, skipped 3 (first: {file}:2 prompt_tokens: {TOO_BIG_MESSAGE}")
+    [group] = report_json(env)
+    assert (group["agent"], group["prompt_tokens"], group["completion_tokens"]) == ("a", 20, 4)
+
+
+def test_rows_of_negative_tokens_are_skipped_and_counted(backend: Backend, tmp_path: Path) -> None:
+    calls = [
+        ledger_call(1, prompt_tokens=-1),
+        ledger_call(2, completion_tokens=-5),
+        ledger_call(3, cached_tokens=-2),
+        ledger_call(4, prompt_tokens=-(2**63)),
+        ledger_call(5),
+    ]
+    file = write_lines(tmp_path / "calls.jsonl", calls)
+
+    done = mcpmeter(subprocess_env(backend, tmp_path), "ledger", "import", str(file))
+
+    assert done.stderr == (
+        f"imported 1, skipped 4 (first: {file}:1 prompt_tokens: expected a non-negative integer, got -1)\n"
+    )
+    assert backend.sql("SELECT request_id FROM llm_calls") == [("r5",)]
+
+
+def provider_records(field: str, value: Any) -> dict[str, dict[str, Any]]:
+    """One record per import format with ``field`` (a dotted path) set to ``value``."""
+    litellm = {
+        "request_id": "l-1",
+        "startTime": "2026-11-02T09:14:03Z",
+        "model": "gpt-4o",
+        "prompt_tokens": 10,
+        "completion_tokens": 2,
+        "metadata": {"usage_object": {"prompt_tokens_details": {"cached_tokens": 1}}},
+    }
+    openai = {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 1762420443,
+        "model": "gpt-4o",
+        "usage": {"prompt_tokens": 10, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 1}},
+    }
+    responses = {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1762420443,
+        "model": "gpt-5-mini",
+        "usage": {"input_tokens": 10, "output_tokens": 2, "input_tokens_details": {"cached_tokens": 1}},
+    }
+    anthropic = {
+        "id": "msg_1",
+        "type": "message",
+        "model": "claude-haiku-4-5",
+        "usage": {
+            "input_tokens": 10,
+            "output_tokens": 2,
+            "cache_creation_input_tokens": 3,
+            "cache_read_input_tokens": 1,
+        },
+    }
+    by_format = {"jsonl": ledger_call(1, cached_tokens=1), "litellm": litellm, "openai": openai}
+    by_format |= {"openai-responses": responses, "anthropic": anthropic}
+    found: dict[str, dict[str, Any]] = {}
+    for name, rec in by_format.items():
+        *path, last = field.split(".")
+        holder: Any = rec
+        for key in path:
+            holder = holder.get(key) if isinstance(holder, dict) else None
+        if isinstance(holder, dict) and last in holder:
+            holder[last] = value
+            found[name] = rec
+    return found
+
+
+#: Every integer field an import format reads, as a dotted path in its record.
+INTEGER_FIELDS = [
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "metadata.usage_object.prompt_tokens_details.cached_tokens",
+    "usage.prompt_tokens",
+    "usage.completion_tokens",
+    "usage.prompt_tokens_details.cached_tokens",
+    "usage.input_tokens",
+    "usage.output_tokens",
+    "usage.input_tokens_details.cached_tokens",
+    "usage.cache_creation_input_tokens",
+    "usage.cache_read_input_tokens",
+]
+
+
+@pytest.mark.parametrize("value", [TOO_BIG[1], TOO_BIG[2], -1, "99999999999999999999999999"])
+def test_every_integer_field_of_every_format_refuses_a_count_out_of_bounds(
+    value: Any, store: SQLiteStore, db_path: Path, tmp_path: Path
+) -> None:
+    cases = [
+        (field, name, rec) for field in INTEGER_FIELDS for name, rec in provider_records(field, value).items()
+    ]
+    assert {name for _, name, _ in cases} == {"jsonl", "litellm", "openai", "openai-responses", "anthropic"}
+    for field, name, rec in cases:
+        good = provider_records("model", rec["model"])[name]  # the same format, its counts untouched
+        good["id" if "id" in good else "request_id"] = f"good-{name}-{field}"
+        file = write_lines(tmp_path / f"{name}.jsonl", [rec, good])
+
+        result = import_file(store, file, format=name.removesuffix("-responses"), now=NOW)
+
+        assert (result.imported, result.skipped) == (1, 1), (field, name)
+        assert result.first_error is not None and result.first_error.line == 1, (field, name)
+    assert len(ledger_rows(db_path)) == len(cases)
+
+
+def test_anthropic_cache_tokens_that_add_up_past_the_bound_are_a_bad_prompt(
+    store: SQLiteStore, tmp_path: Path
+) -> None:
+    usage = {
+        "input_tokens": MAX_TOKENS,
+        "output_tokens": 1,
+        "cache_creation_input_tokens": MAX_TOKENS,
+        "cache_read_input_tokens": 0,
+    }
+    file = write_lines(tmp_path / "msgs.jsonl", [{"id": "m", "model": "claude-haiku-4-5", "usage": usage}])
+
+    result = import_file(store, file, format="anthropic", now=NOW)
+
+    assert (result.imported, result.skipped) == (0, 1)
+    assert str(result.first_error) == (
+        f"{file}:1 usage.input_tokens + cache_creation_input_tokens + cache_read_input_tokens:"
+        f" {TOO_BIG_MESSAGE}, got {2 * MAX_TOKENS}"
+    )
+
+
+def test_a_csv_cell_of_too_many_tokens_is_a_bad_row(store: SQLiteStore, tmp_path: Path) -> None:
+    file = tmp_path / "ledger.csv"
+    file.write_text(
+        "ts,request_id,model,prompt_tokens,completion_tokens,cached_tokens\n"
+        "2026-11-03T09:00:00Z,r1,gpt-4.1,99999999999999999999999999,1,0\n"
+        "2026-11-03T09:00:00Z,r2,gpt-4.1,10,1e30,0\n"
+        "2026-11-03T09:00:00Z,r3,gpt-4.1,10,1,0\n"
+    )
+
+    result = import_file(store, file)
+
+    assert (result.imported, result.skipped) == (1, 2)
+    assert str(result.first_error) == (
+        f"{file}:2 prompt_tokens: {TOO_BIG_MESSAGE}, got '99999999999999999999999999'"
+    )
+
+
+def test_ledger_add_with_a_huge_count_is_one_line_on_stderr_and_exit_2(
+    backend: Backend, tmp_path: Path
+) -> None:
+    env = subprocess_env(backend, tmp_path)
+    args = ["ledger", "add", "--request-id", "r", "--model", "m", "--completion-tokens", "1"]
+
+    done = mcpmeter(env, *args, "--prompt-tokens", "99999999999999999999999999")
+    at_bound = mcpmeter(env, *args, "--prompt-tokens", str(MAX_TOKENS))
+
+    assert (done.returncode, done.stdout, done.stderr) == (
+        2,
+        "",
+        f"mcpmeter: --prompt-tokens: {TOO_BIG_MESSAGE}, got 99999999999999999999999999\n",
+    )
+    assert (at_bound.returncode, at_bound.stderr) == (0, "added r (manual)\n")
+    assert backend.sql("SELECT prompt_tokens FROM llm_calls") == [(MAX_TOKENS,)]
+
+
+def test_ledger_add_with_more_cached_than_prompt_tokens_is_one_line_and_exit_2(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    done = mcpmeter(
+        meter_env, "ledger", "add", "--request-id", "r", "--model", "m", "--prompt-tokens", "5",
+        "--completion-tokens", "1", "--cached-tokens", "6",
+    )  # fmt: skip
+
+    assert (done.returncode, done.stderr) == (
+        2,
+        "mcpmeter: --cached-tokens: 6 cached tokens is more than the 5 prompt tokens\n",
+    )
+
+
+def test_ledger_add_at_the_last_second_of_year_9999_reads_back_exactly(
+    backend: Backend, tmp_path: Path
+) -> None:
+    env = subprocess_env(backend, tmp_path)
+    args = ["ledger", "add", "--model", "m", "--prompt-tokens", "1", "--completion-tokens", "1"]
+
+    whole = mcpmeter(env, *args, "--request-id", "r1", "--ts", "9999-12-31T23:59:59Z")
+    micros = mcpmeter(env, *args, "--request-id", "r2", "--ts", "9999-12-31T23:59:59.999999Z")
+    zoned = mcpmeter(env, *args, "--request-id", "r3", "--ts", "9999-12-31T21:59:59.123456-02:00")
+
+    assert [whole.returncode, micros.returncode, zoned.returncode] == [0, 0, 0], zoned.stderr
+    assert backend.sql("SELECT request_id, ts FROM llm_calls ORDER BY request_id") == [
+        ("r1", LAST_SECOND),
+        ("r2", "9999-12-31T23:59:59.999999Z"),
+        ("r3", "9999-12-31T23:59:59.123456Z"),
+    ]
+
+
+def test_ledger_add_of_a_time_past_year_9999_in_utc_is_one_line_and_exit_2(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    done = mcpmeter(
+        meter_env, "ledger", "add", "--request-id", "r", "--model", "m", "--prompt-tokens", "1",
+        "--completion-tokens", "1", "--ts", "9999-12-31T23:00:00-05:00",
+    )  # fmt: skip
+
+    assert done.returncode == 2
+    assert done.stderr.startswith("mcpmeter: cannot read time '9999-12-31T23:00:00-05:00'")
+    assert done.stderr.count("\n") == 1
+
+
+def test_an_import_row_at_the_last_second_of_year_9999_reads_back_exactly(
+    backend: Backend, tmp_path: Path
+) -> None:
+    calls = [
+        ledger_call(1, ts="9999-12-31T23:59:59Z"),
+        ledger_call(2, ts="9999-12-31T23:59:59"),  # no zone: UTC
+        ledger_call(3, ts=253402300799999),  # epoch milliseconds: the last one of 9999
+        ledger_call(4, ts="253402300800000"),  # a millisecond later: refused, never guessed at
+        ledger_call(5, ts=1762420443),  # epoch seconds
+    ]
+    file = write_lines(tmp_path / "calls.jsonl", calls)
+
+    done = mcpmeter(subprocess_env(backend, tmp_path), "ledger", "import", str(file))
+
+    assert done.stderr == (
+        f"imported 4, skipped 1 (first: {file}:4 ts: expected POSIX seconds (below 10^11) or"
+        " milliseconds (up to 253402300799999, the end of year 9999), got '253402300800000')\n"
+    )
+    assert backend.sql("SELECT request_id, ts FROM llm_calls ORDER BY request_id") == [
+        ("r1", LAST_SECOND),
+        ("r2", LAST_SECOND),
+        ("r3", "9999-12-31T23:59:59.999000Z"),
+        ("r5", "2025-11-06T09:14:03.000000Z"),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("ts", "stored"),
+    [
+        ("9999-12-31T23:59:59Z", LAST_SECOND),
+        ("2026-11-03T09:00:00.123456+00:00", "2026-11-03T09:00:00.123456Z"),
+        ("1700000000", "2023-11-14T22:13:20.000000Z"),  # epoch seconds, as a CSV cell
+        ("1700000000123", "2023-11-14T22:13:20.123000Z"),  # epoch milliseconds (10^11 and up)
+        ("99999999999", "5138-11-16T09:46:39.000000Z"),  # the last epoch seconds
+        ("100000000000", "1973-03-03T09:46:40.000000Z"),  # the first epoch milliseconds
+    ],
+)
+def test_a_csv_time_is_iso_as_written_or_epoch_seconds_below_1e11_and_milliseconds_from_there(
+    ts: str, stored: str, store: SQLiteStore, db_path: Path, tmp_path: Path
+) -> None:
+    file = tmp_path / "ledger.csv"
+    file.write_text(f"ts,request_id,model,prompt_tokens,completion_tokens\n{ts},r1,gpt-4.1,10,1\n")
+
+    result = import_file(store, file)
+
+    assert (result.imported, result.skipped) == (1, 0), result.first_error
+    assert [r["ts"] for r in ledger_rows(db_path)] == [stored]
+
+
+@pytest.mark.parametrize(
+    "ts", ["1969-12-31T23:59:59Z", "0001-01-01", "9999-12-31T23:00:00-05:00", -1, 1e20, "nan"]
+)
+def test_a_time_outside_1970_to_9999_is_a_bad_row_naming_ts(
+    ts: Any, store: SQLiteStore, tmp_path: Path
+) -> None:
+    file = write_lines(tmp_path / "calls.jsonl", [ledger_call(1, ts=ts), ledger_call(2)])
+
+    result = import_file(store, file)
+
+    assert (result.imported, result.skipped) == (1, 1)
+    assert result.first_error is not None and result.first_error.field == "ts"
+
+
+def test_record_takes_a_datetime_in_year_9999_as_it_is(db_path: Path) -> None:
+    call: dict[str, Any] = {"request_id": "r", "model": "m", "prompt_tokens": 1, "completion_tokens": 1}
+
+    record(**call, ts=datetime(9999, 12, 31, 23, 59, 59, 654321, tzinfo=UTC), db=db_path)
+
+    assert [r["ts"] for r in ledger_rows(db_path)] == ["9999-12-31T23:59:59.654321Z"]
+
+
+@pytest.mark.parametrize("field", ["prompt_tokens", "completion_tokens", "cached_tokens"])
+def test_record_refuses_a_count_past_the_bound_with_a_value_error_and_writes_nothing(
+    field: str, db_path: Path
+) -> None:
+    call: dict[str, Any] = {
+        "request_id": "r",
+        "model": "m",
+        "prompt_tokens": MAX_TOKENS,
+        "completion_tokens": 1,
+    }
+
+    with pytest.raises(ValueError, match=f"^{field}: {TOO_BIG_MESSAGE}, got {MAX_TOKENS + 1}$"):
+        record(**call | {field: MAX_TOKENS + 1}, db=db_path)
+    assert ledger_rows(db_path) == []
+
+
+def test_a_ledger_row_made_by_hand_with_a_bad_count_is_refused_before_any_write(db_path: Path) -> None:
+    fields: dict[str, Any] = {
+        "ts": "2026-11-03T09:00:00.000000Z",
+        "agent_id": None,
+        "project_id": None,
+        "request_id": "r",
+        "model": "m",
+        "completion_tokens": 1,
+    }
+
+    with pytest.raises(BadRow, match=f"^prompt_tokens: {TOO_BIG_MESSAGE}, got {2**63 - 1}$"):
+        LedgerRow(**fields, prompt_tokens=2**63 - 1)
+    with pytest.raises(BadRow, match=r"^completion_tokens: expected a non-negative integer, got -1$"):
+        LedgerRow(**fields | {"completion_tokens": -1}, prompt_tokens=1)
+    with pytest.raises(BadRow, match=r"^cached_tokens: 2 cached tokens is more than the 1 prompt tokens$"):
+        LedgerRow(**fields, prompt_tokens=1, cached_tokens=2)
+    with Ledger(db_path) as ledger:
+        assert ledger.write([LedgerRow(**fields, prompt_tokens=MAX_TOKENS)]) == 1

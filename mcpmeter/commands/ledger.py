@@ -9,6 +9,19 @@ import typer
 
 from mcpmeter.commands.options import DbOption
 
+#: The ``ledger add`` flag of each ledger field, to name it in an error.
+_FLAGS = {
+    "request_id": "--request-id",
+    "model": "--model",
+    "prompt_tokens": "--prompt-tokens",
+    "completion_tokens": "--completion-tokens",
+    "cached_tokens": "--cached-tokens",
+    "agent_id": "--agent",
+    "project_id": "--project",
+    "ts": "--ts",
+    "source": "--source",
+}
+
 
 def register(app: typer.Typer) -> None:
     ledger = typer.Typer(
@@ -43,29 +56,38 @@ def add(
     ] = None,
     ts: Annotated[
         str | None,
-        typer.Option("--ts", help="When the call was made: ISO time or a span back (default now)."),
+        typer.Option(
+            "--ts",
+            help="When the call was made: ISO time (1970 to 9999, UTC if no zone) or a span back"
+            " (default now).",
+        ),
     ] = None,
     source: Annotated[
         str, typer.Option("--source", help="Where the row comes from; unique with the request id.")
     ] = "manual",
     db: DbOption = None,
 ) -> None:
-    from mcpmeter.ledger import Ledger
+    from mcpmeter.errors import UsageError
+    from mcpmeter.ledger import BadRow, Ledger
     from mcpmeter.timeparse import parse_when
 
     when = parse_when(ts) if ts else None
     with Ledger(db) as ledger:
-        added = ledger.record(
-            request_id=request_id,
-            model=model,
-            prompt_tokens=prompt_tokens,
-            completion_tokens=completion_tokens,
-            cached_tokens=cached_tokens,
-            agent_id=agent,
-            project_id=project,
-            ts=when,
-            source=source,
-        )
+        try:
+            added = ledger.record(
+                request_id=request_id,
+                model=model,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=completion_tokens,
+                cached_tokens=cached_tokens,
+                agent_id=agent,
+                project_id=project,
+                ts=when,
+                source=source,
+            )
+        except BadRow as exc:  # a value the ledger refuses (a count past MAX_TOKENS, ...): exit 2
+            flag = _FLAGS.get(exc.field or "", exc.field or "")
+            raise UsageError(f"{flag}: {exc.problem}" if flag else exc.problem) from None
     if added:
         sys.stderr.write(f"added {request_id} ({source})\n")
     else:
