@@ -13,8 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from itertools import islice
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mcpmeter import __version__
 from mcpmeter.errors import UsageError
@@ -72,11 +71,11 @@ def schema() -> Any:
     return pa.schema(fields, metadata={b"pandas": json.dumps(pandas).encode()})
 
 
-def write_parquet(rows: Iterable[tuple[Any, ...]], path: Path, row_group: int = ROW_GROUP) -> int:
-    """Write ``rows`` (``record.COLUMNS`` order) to ``path``; returns how many.
+def write_parquet(rows: Iterable[tuple[Any, ...]], out: IO[bytes], row_group: int = ROW_GROUP) -> int:
+    """Write ``rows`` (``record.COLUMNS`` order) to the binary file ``out``; returns how many.
 
-    The file is written beside ``path`` and renamed into place when complete, so a failed
-    export leaves no half file.
+    ``out`` is left open. Give it :func:`mcpmeter.outputs.atomic_output`'s file, so that a
+    failed export leaves no half file and an existing file as it was.
     """
     pa = _pyarrow()
     file_schema = schema()
@@ -84,28 +83,23 @@ def write_parquet(rows: Iterable[tuple[Any, ...]], path: Path, row_group: int = 
     ts_index = COLUMNS.index("ts")
     text = pa.string()
     count = 0
-    partial = path.with_name(path.name + ".partial")
     iterator = iter(rows)
-    try:
-        with pa.parquet.ParquetWriter(partial, file_schema, compression="zstd") as writer:
-            batches: list[Any] = []
-            pending = 0
-            while chunk := list(islice(iterator, min(CHUNK, row_group))):
-                columns = list(zip(*chunk, strict=True))
-                arrays = [
-                    pa.array(values, text).cast(kind) if index == ts_index else pa.array(values, kind)
-                    for index, (values, kind) in enumerate(zip(columns, types, strict=True))
-                ]
-                batches.append(pa.record_batch(arrays, schema=file_schema))
-                pending += len(chunk)
-                count += len(chunk)
-                del chunk, columns, arrays
-                if pending >= row_group:
-                    writer.write_table(pa.Table.from_batches(batches), row_group_size=row_group)
-                    batches, pending = [], 0
-            if batches:
+    with pa.parquet.ParquetWriter(out, file_schema, compression="zstd") as writer:
+        batches: list[Any] = []
+        pending = 0
+        while chunk := list(islice(iterator, min(CHUNK, row_group))):
+            columns = list(zip(*chunk, strict=True))
+            arrays = [
+                pa.array(values, text).cast(kind) if index == ts_index else pa.array(values, kind)
+                for index, (values, kind) in enumerate(zip(columns, types, strict=True))
+            ]
+            batches.append(pa.record_batch(arrays, schema=file_schema))
+            pending += len(chunk)
+            count += len(chunk)
+            del chunk, columns, arrays
+            if pending >= row_group:
                 writer.write_table(pa.Table.from_batches(batches), row_group_size=row_group)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+                batches, pending = [], 0
+        if batches:
+            writer.write_table(pa.Table.from_batches(batches), row_group_size=row_group)
     return count

@@ -13,8 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape as _escape
-from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mcpmeter.prices import llm_cost_sql
 from mcpmeter.report import (
@@ -59,10 +58,13 @@ def escape(text: str) -> str:
 
 
 def write_html(
-    store: Store, keys: Sequence[str], where: CallFilter, path: Path, top: int | None = None
+    store: Store, keys: Sequence[str], where: CallFilter, out: IO[bytes], top: int | None = None
 ) -> None:
-    """Render the page for ``keys`` and ``where`` and write it to ``path``."""
-    path.write_text(render(store, keys, where, top=top), encoding="utf-8")
+    """Render the page for ``keys`` and ``where`` and write it, UTF-8, to the binary file ``out``.
+
+    Give it :func:`mcpmeter.outputs.atomic_output`'s file: a failure leaves no half page.
+    """
+    out.write(render(store, keys, where, top=top).encode("utf-8"))
 
 
 # -- the data -----------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -57,6 +57,7 @@ def export(
     ] = None,
 ) -> None:
     from mcpmeter.export import FORMATS, write_csv, write_jsonl
+    from mcpmeter.outputs import atomic_output, guard_output
     from mcpmeter.store import CallFilter, open_store, resolve_db
     from mcpmeter.timeparse import parse_when
 
@@ -76,7 +77,11 @@ def export(
         tool=tool,
         status=status,
     )
-    store = open_store(resolve_db(db), create=False)
+    location = resolve_db(db)
+    if output is not None:
+        guard_output(output, location)  # before the store is opened: -o must never overwrite it
+    store = open_store(location, create=False)
+    rows: Iterator[tuple[Any, ...]] = iter(())
     try:
         rows = store.iter_calls(where)
         if otlp is not None:
@@ -85,16 +90,20 @@ def export(
         if format == "parquet" and output is not None:
             from mcpmeter.parquet import write_parquet
 
-            write_parquet(rows, output)
+            with atomic_output(output) as out:
+                write_parquet(rows, out)
             return
         write = write_jsonl if format == "jsonl" else write_csv
         if output is None:
             write(rows, sys.stdout.buffer)
             sys.stdout.buffer.flush()
         else:
-            with output.open("wb") as out:
+            with atomic_output(output) as out:
                 write(rows, out)
     finally:
+        close = getattr(rows, "close", None)
+        if close is not None:  # a write that failed midway left the cursor open: close it first
+            close()
         store.close()
 
 

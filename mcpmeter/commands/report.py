@@ -75,18 +75,23 @@ def report(
     if ctx.invoked_subcommand is not None:
         return
     from mcpmeter import report as reports
+    from mcpmeter.outputs import atomic_output, guard_output
     from mcpmeter.store import open_store, resolve_db
 
     keys = reports.parse_by(by)
     _check_format(format, reports.FORMATS)
     where = _filter(since, until, project, agent, session, tool, status)
-    store = open_store(resolve_db(db), create=False)
+    location = resolve_db(db)
+    if html is not None:
+        guard_output(html, location, option="--html")  # before the store is opened
+    store = open_store(location, create=False)
     try:
         _with_bundled_prices(store)
         if html is not None:
             from mcpmeter.report_html import write_html
 
-            write_html(store, keys, where, html, top=top)
+            with atomic_output(html) as page:
+                write_html(store, keys, where, page, top=top)
             sys.stderr.write(f"mcpmeter: wrote {html}\n")
             return
         result = reports.grouped(store, keys, where, top)
