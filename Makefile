@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/http_bench.py
 	$(BIN)/python benchmarks/store_bench.py
 	$(BIN)/python benchmarks/budget_bench.py
+	$(BIN)/python benchmarks/exit_bench.py
 
 # The frame parser under libFuzzer (atheris); new corpus entries go to .fuzz-corpus/.
 fuzz: $(STAMP)

@@ -12,6 +12,7 @@ import threading
 from typing import Any
 
 from mcpmeter.log import warn
+from mcpmeter.shutdown import quiet_thread
 
 RETRIES = 3
 TIMEOUT_S = 5.0
@@ -35,6 +36,7 @@ class WebhookAlerter:
         self._thread.join(timeout)
 
     def _run(self) -> None:
+        quiet_thread()
         import httpx
 
         with httpx.Client(timeout=TIMEOUT_S) as client:

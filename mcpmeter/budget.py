@@ -443,7 +443,12 @@ class BudgetGate:
         settle(store, deltas)
 
     def close(self) -> None:
-        with self._lock:
+        # A check may still be waiting on a stuck store: the exit does not wait for it.
+        if not self._lock.acquire(timeout=0.2):
+            return
+        try:
             if self._store is not None:
                 self._store.close()
                 self._store = None
+        finally:
+            self._lock.release()

@@ -43,6 +43,7 @@ from mcpmeter import __version__
 from mcpmeter.errors import MeterError, UsageError
 from mcpmeter.log import verbose, warn, warn_once
 from mcpmeter.record import CallRecord
+from mcpmeter.shutdown import quiet_thread
 
 if TYPE_CHECKING:
     import http.client
@@ -864,6 +865,7 @@ class SpanExporter:
     # -- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        quiet_thread()
         encoder = Encoder(self._config.resource)
         poster = Poster(self._config.timeout, compress=self._config.gzip)
         next_metrics = time.monotonic() + self._config.metrics_interval

@@ -22,6 +22,7 @@ from typing import Protocol
 from mcpmeter.frame import LineSplitter
 from mcpmeter.log import warn_once
 from mcpmeter.meters.calls import CallMeter
+from mcpmeter.shutdown import quiet_thread
 
 #: Bytes asked for per read. Larger reads would allocate with mmap on every call.
 CHUNK = 1 << 16
@@ -214,6 +215,7 @@ class Pump:
         return self
 
     def _run(self) -> None:
+        quiet_thread()
         read = self.source.read
         write = self.sink.write
         feed = self.tap.feed

@@ -6,26 +6,27 @@ to exit, handling signals meanwhile: SIGINT/SIGTERM/SIGHUP go to the server's pr
 and SIGKILL follows after ``kill_after`` seconds if it is still running. Our stdin closing
 closes the server's stdin; the client closing our stdout does too. Once the server has
 exited and its stdout is drained, what it left in its group is stopped, every row is
-written, and mcpmeter exits with the server's code.
+written (or, when the store does not take them within a second, or a signal comes
+meanwhile, spilled), and mcpmeter exits with the server's code. Our signal handlers stay
+in place to the end (see :mod:`mcpmeter.shutdown`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
 import threading
 from collections.abc import Callable
-from types import FrameType
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from mcpmeter.budget import Budget, BudgetGate
 from mcpmeter.errors import MeterError
 from mcpmeter.log import verbose, warn
-from mcpmeter.meters.audit import AuditWriter, Pricer, spill_path_for
+from mcpmeter.meters.audit import AuditWriter, Pricer, spill_locations
 from mcpmeter.meters.calls import C2S, S2C, CallMeter
 from mcpmeter.relay import ClientWriter, FdEndpoint, Gate, Pump, Tap
+from mcpmeter.shutdown import QuietTimer, Signals
 from mcpmeter.tags import Tenant
 from mcpmeter.transports.stdio import ServerProcess, exit_status
 
@@ -34,10 +35,14 @@ if TYPE_CHECKING:
     from mcpmeter.otel import OtlpConfig
     from mcpmeter.store.base import Store
 
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+#: How long a webhook still queued at exit may take to send (none after a signal).
+ALERT_CLOSE_S = 1.0
 #: After the server exits, how long its stdout may stay open without a byte moving (a
 #: grandchild holding it, or a client that stopped reading) before the relay gives up.
 DRAIN_IDLE_S = 2.0
+#: After the server exits, how long our stdin may stay quiet before the relay stops reading it
+#: (a client that still holds it open while its server is gone).
+STDIN_IDLE_S = 0.1
 #: How long a thread may hold the GIL while another waits (CPython's default is 5 ms).
 SWITCH_INTERVAL_S = 0.0002
 
@@ -67,6 +72,8 @@ def run_wrap(options: WrapOptions) -> int:
     except OSError as exc:
         raise MeterError(f"cannot start {options.argv[0]}: {exc.strerror or exc}", exit_code=126) from None
 
+    # Ours from now to the exit: the default action would drop the rows not yet written.
+    signals = Signals().install()
     # The relay's threads must not wait long for the GIL while the writer holds it.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     # Our stdout: the server's frames, and between them any answer the proxy gives itself.
@@ -87,27 +94,32 @@ def run_wrap(options: WrapOptions) -> int:
         record_args=options.record_args,
     )
     try:
-        return _relay(server, meter, options.kill_after, gate, client_out)
+        return _relay(server, meter, options.kill_after, gate, client_out, signals)
     finally:
-        finish(meter, writer, gate, alerter)
+        finish(meter, writer, gate, alerter, signals)
 
 
-def finish(meter: CallMeter, writer: AuditWriter, gate: BudgetGate, alerter: WebhookAlerter | None) -> None:
-    """The end of a relay: pending calls become rows, every row is written, gate and alerter
+def finish(
+    meter: CallMeter, writer: AuditWriter, gate: BudgetGate, alerter: WebhookAlerter | None, signals: Signals
+) -> None:
+    """The end of a relay: pending calls become rows, every row is written or spilled within
+    :data:`~mcpmeter.shutdown.EXIT_FLUSH_S` (at once on a signal during it), gate and alerter
     stop; with ``MCPMETER_LOG=info``, a one-line summary on stderr."""
+    signals.while_flushing(writer)
     with meter.lock:  # stdin may still be open: its pump could be metering
         meter.close()
-    writer.close()
+    writer.close(signals.flush_timeout())
+    signals.done()
     gate.close()
     if alerter is not None:
-        alerter.close()
+        alerter.close(timeout=0 if signals.received else ALERT_CLOSE_S)
     if verbose():
         s = meter.stats
         warn(
             f"{s.frames} frames ({s.requests} requests, {s.responses} responses, "
             f"{s.notifications} notifications, {s.not_json} not JSON, {s.not_jsonrpc} not JSON-RPC, "
             f"{s.unmatched_responses} unmatched); {writer.written} rows written, "
-            f"{writer.spilled} spilled, {writer.recovered} recovered"
+            f"{writer.spilled} spilled, {writer.recovered} recovered, {writer.lost} lost"
         )
 
 
@@ -135,7 +147,7 @@ def start_audit_writer(db: str | None, **hooks: Any) -> AuditWriter:
         exporter = SpanExporter(_otlp).start()
     return AuditWriter(
         _store_opener(location),
-        spill_path=spill_path_for(location),
+        spill_paths=spill_locations(location),
         pricer=_tool_pricer,
         exporter=exporter,
         **hooks,
@@ -212,7 +224,12 @@ def _tool_pricer(store: Store) -> Pricer:
 
 
 def _relay(
-    server: ServerProcess, meter: CallMeter, kill_after: float, gate: Gate, client_out: ClientWriter
+    server: ServerProcess,
+    meter: CallMeter,
+    kill_after: float,
+    gate: Gate,
+    client_out: ClientWriter,
+    signals: Signals,
 ) -> int:
     assert server.stdin is not None and server.stdout is not None
     lock = meter.lock
@@ -222,36 +239,37 @@ def _relay(
     s2c = Pump("s2c", server.stdout, client_out, Tap(S2C, meter), lock, on_sink_lost=server.close_stdin)
     kill_timer: threading.Timer | None = None
 
-    def forward(sig: int, frame: FrameType | None) -> None:
+    def forward(sig: int) -> None:
         nonlocal kill_timer
         server.signal(sig)
         if kill_timer is None:
-            kill_timer = threading.Timer(kill_after, server.signal, (signal.SIGKILL,))
+            kill_timer = QuietTimer(kill_after, server.signal, (signal.SIGKILL,))
             kill_timer.daemon = True
             kill_timer.start()
 
-    previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    signals.while_relaying(forward)
     try:
         c2s.start()
         s2c.start()
         returncode = server.wait()
         _drain(s2c)
+        # What the client had already sent (a pipelined backlog behind its EOF) is read and
+        # metered before the meter closes: each of those requests gets its row.
+        _drain(c2s, idle=STDIN_IDLE_S)
         client_out.flush()
         server.reap_group(kill_after)
         return exit_status(returncode)
     finally:
+        signals.while_relaying(None)
         if kill_timer is not None:
             kill_timer.cancel()
-        for sig, handler in previous.items():
-            with contextlib.suppress(ValueError, OSError):
-                signal.signal(sig, handler)
         server.close()
 
 
-def _drain(pump: Pump) -> None:
-    """Wait for the server's stdout to reach EOF, as long as bytes keep moving."""
+def _drain(pump: Pump, idle: float = DRAIN_IDLE_S) -> None:
+    """Wait for the pump's source to reach EOF, as long as bytes keep moving."""
     last = -1
-    while not pump.done.wait(DRAIN_IDLE_S):
+    while not pump.done.wait(idle):
         if pump.bytes == last:
             return  # nothing moved for DRAIN_IDLE_S: a grandchild holds the pipe open
         last = pump.bytes

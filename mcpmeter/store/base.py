@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
-from mcpmeter.record import CallRecord
+from mcpmeter.record import CallRecord, iso_utc
+
+if TYPE_CHECKING:
+    from mcpmeter.meters.spill import Spilled
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,77 @@ class CallFilter:
         return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
+class BatchMark(NamedTuple):
+    """What an audit writer's write records beside its rows, so a spill loads exactly once.
+
+    ``batch`` numbers the writer's writes (increasing, never reused); the write sets its
+    writer's row in ``audit_writers`` to it. ``unresolved`` are earlier writes of this
+    writer that failed but may have committed (their rows were spilled): the write reads
+    the writer's last committed number first, and when it is one of them, records it in
+    ``spill_voids`` so that recovery skips that batch's spilled copy.
+    """
+
+    writer: str
+    batch: int
+    unresolved: tuple[int, ...] = ()
+
+
+_LAST_BATCH = "SELECT batch FROM audit_writers WHERE writer_id = ?"
+_SET_BATCH = (
+    "INSERT INTO audit_writers (writer_id, batch, updated_at) VALUES (?, ?, ?)"
+    " ON CONFLICT (writer_id) DO UPDATE SET batch = excluded.batch, updated_at = excluded.updated_at"
+)
+_VOID = "INSERT INTO spill_voids (writer_id, batch) VALUES (?, ?) ON CONFLICT DO NOTHING"
+_IS_VOID = "SELECT 1 FROM spill_voids WHERE writer_id = ? AND batch = ?"
+
+
+def record_mark(
+    one: Callable[[str, Sequence[Any]], tuple[Any, ...] | None],
+    run: Callable[[str, Sequence[Any]], object],
+    mark: BatchMark,
+) -> int | None:
+    """Inside a write transaction: record ``mark``; return the unresolved batch found committed.
+
+    ``one`` and ``run`` execute SQL written with ``?`` placeholders on the transaction's
+    connection (one row, or none).
+    """
+    committed = None
+    if mark.unresolved:
+        row = one(_LAST_BATCH, (mark.writer,))
+        if row is not None and row[0] in mark.unresolved:
+            committed = int(row[0])
+            run(_VOID, (mark.writer, committed))
+    run(_SET_BATCH, (mark.writer, mark.batch, iso_utc(time.time())))
+    return committed
+
+
+def spilled_committed(
+    one: Callable[[str, Sequence[Any]], tuple[Any, ...] | None], writer: str, batch: int
+) -> bool:
+    """Whether a spilled batch reached the store after all (see :class:`BatchMark`)."""
+    row = one(_LAST_BATCH, (writer,))
+    if row is not None and row[0] == batch:
+        return True
+    return one(_IS_VOID, (writer, batch)) is not None
+
+
+def forget_writer(run: Callable[[str, Sequence[Any]], object], writer: str) -> None:
+    """A writer that spilled nothing no longer needs its row."""
+    run("DELETE FROM audit_writers WHERE writer_id = ?", (writer,))
+
+
+def loadable(
+    one: Callable[[str, Sequence[Any]], tuple[Any, ...] | None], batches: Sequence[Spilled]
+) -> list[CallRecord]:
+    """The records of ``batches`` that are not in the store yet, in order."""
+    records: list[CallRecord] = []
+    for spilled in batches:
+        if spilled.batch is not None and spilled_committed(one, spilled.writer, spilled.batch):
+            continue
+        records.extend(spilled.records)
+    return records
+
+
 class Store(Protocol):
     """A place rows are written to (by one writer per process) and read from.
 
@@ -74,11 +149,20 @@ class Store(Protocol):
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> int: ...
 
-    def write_calls(self, records: Sequence[CallRecord]) -> None:
-        """Insert ``records`` in one transaction, in order, extending the hash chain."""
+    def write_calls(self, records: Sequence[CallRecord], mark: BatchMark | None = None) -> int | None:
+        """Insert ``records`` in one transaction, in order, extending the hash chain; with
+        ``mark``, record it (see :class:`BatchMark`) and return the unresolved batch found
+        committed, if any."""
 
-    def load_spill(self, file_id: str, records: Sequence[CallRecord]) -> bool:
-        """Insert a spill file's records unless ``file_id`` was loaded before (one transaction)."""
+    def load_spill(self, file_id: str, batches: Sequence[Spilled]) -> int:
+        """Insert a spill file's rows unless ``file_id`` was loaded before, skipping batches
+        already in the store (one transaction). Returns the rows inserted."""
+
+    def forget_writer(self, writer: str) -> None:
+        """Drop ``writer``'s row in ``audit_writers`` (it spilled nothing)."""
+
+    def interrupt(self) -> None:
+        """From another thread: make a call blocked on this store fail soon (best effort)."""
 
     def iter_calls(self, where: CallFilter, batch: int = 1000) -> Iterator[tuple[Any, ...]]:
         """Rows matching ``where`` in id order, every column of ``record.COLUMNS``, streamed."""

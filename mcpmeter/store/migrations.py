@@ -353,4 +353,42 @@ MIGRATIONS: tuple[Migration, ...] = (
             """,
         ),
     ),
+    Migration(
+        6,
+        "0006_audit_writers",
+        (
+            # Per audit writer, the number of its last committed write; and spilled writes
+            # found committed after all. Together they make a spill load exactly once.
+            """
+            CREATE TABLE audit_writers (
+                writer_id TEXT PRIMARY KEY,
+                batch INTEGER NOT NULL,
+                updated_at TEXT NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE spill_voids (
+                writer_id TEXT NOT NULL,
+                batch INTEGER NOT NULL,
+                PRIMARY KEY (writer_id, batch)
+            )
+            """,
+        ),
+        (
+            """
+            CREATE TABLE audit_writers (
+                writer_id TEXT COLLATE "C" PRIMARY KEY,
+                batch BIGINT NOT NULL,
+                updated_at TEXT COLLATE "C" NOT NULL
+            )
+            """,
+            """
+            CREATE TABLE spill_voids (
+                writer_id TEXT COLLATE "C" NOT NULL,
+                batch BIGINT NOT NULL,
+                PRIMARY KEY (writer_id, batch)
+            )
+            """,
+        ),
+    ),
 )

@@ -52,7 +52,7 @@ import functools
 import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.adapt import Buffer, Loader
@@ -60,8 +60,11 @@ from psycopg.adapt import Buffer, Loader
 from mcpmeter.chain import CHAIN_COLUMNS, GENESIS, chain
 from mcpmeter.errors import StoreError
 from mcpmeter.record import COLUMNS, INSERT_COLUMNS, CallRecord, iso_utc
-from mcpmeter.store.base import CallFilter
+from mcpmeter.store.base import BatchMark, CallFilter, forget_writer, loadable, record_mark
 from mcpmeter.store.migrations import MIGRATIONS
+
+if TYPE_CHECKING:
+    from mcpmeter.meters.spill import Spilled
 
 assert INSERT_COLUMNS[0] == "ts" and CHAIN_COLUMNS == INSERT_COLUMNS
 
@@ -249,27 +252,46 @@ class PostgresStore:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write_calls(self, records: Sequence[CallRecord]) -> None:
-        """Insert ``records`` in order, extending the hash chain, in one transaction."""
-        if not records:
-            return
+    def write_calls(self, records: Sequence[CallRecord], mark: BatchMark | None = None) -> int | None:
+        """Insert ``records`` in order, extending the hash chain, in one transaction; with
+        ``mark``, record it (see :class:`~mcpmeter.store.base.BatchMark`)."""
+        if not records and mark is None:
+            return None
         with self._locked(CHAIN_LOCK, "cannot write to") as conn:
-            self._insert_calls(conn, records)
+            committed = None
+            if mark is not None:
+                committed = record_mark(_one(conn), _run(conn), mark)
+            if records:
+                self._insert_calls(conn, records)
+            return committed
 
-    def load_spill(self, file_id: str, records: Sequence[CallRecord]) -> bool:
-        """Insert a spill file's records unless a file with this id was loaded before.
+    def load_spill(self, file_id: str, batches: Sequence[Spilled]) -> int:
+        """Insert a spill file's rows unless a file with this id was loaded before.
 
         The rows and the file's id are committed together (see :class:`SQLiteStore`).
         """
         with self._locked(CHAIN_LOCK, "cannot load spilled rows into") as conn:
             if conn.execute("SELECT 1 FROM spill_loads WHERE file_id = %s", (file_id,)).fetchone():
-                return False
-            self._insert_calls(conn, records)
+                return 0
+            records = loadable(_one(conn), batches)
+            if records:
+                self._insert_calls(conn, records)
             conn.execute(
                 "INSERT INTO spill_loads (file_id, rows, loaded_at) VALUES (%s, %s, %s)",
                 (file_id, len(records), iso_utc(time.time())),
             )
-            return True
+            return len(records)
+
+    def forget_writer(self, writer: str) -> None:
+        with self._locked(WRITE_LOCK, "cannot write to") as conn:
+            forget_writer(_run(conn), writer)
+
+    def interrupt(self) -> None:
+        """Cancel what this connection runs now (from another thread; best effort)."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            with contextlib.suppress(Exception):
+                conn.cancel_safe(timeout=0.5)
 
     @staticmethod
     def _insert_calls(conn: psycopg.Connection[tuple[Any, ...]], records: Sequence[CallRecord]) -> None:
@@ -337,3 +359,17 @@ class PostgresStore:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def _one(conn: psycopg.Connection[tuple[Any, ...]]) -> Any:
+    def one(sql: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
+        return conn.execute(translate(sql), params).fetchone()
+
+    return one
+
+
+def _run(conn: psycopg.Connection[tuple[Any, ...]]) -> Any:
+    def run(sql: str, params: Sequence[Any]) -> object:
+        return conn.execute(translate(sql), params)
+
+    return run

@@ -8,17 +8,21 @@ readers (``export``, ``tail``) never block them thanks to WAL.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcpmeter.chain import CHAIN_COLUMNS, GENESIS, chained
 from mcpmeter.errors import StoreError
 from mcpmeter.record import COLUMNS, INSERT_COLUMNS, CallRecord, iso_utc
-from mcpmeter.store.base import CallFilter
+from mcpmeter.store.base import BatchMark, CallFilter, forget_writer, loadable, record_mark
 from mcpmeter.store.migrations import MIGRATIONS
+
+if TYPE_CHECKING:
+    from mcpmeter.meters.spill import Spilled
 
 _PLACEHOLDERS = ", ".join("?" for _ in INSERT_COLUMNS)
 _INSERT = f"INSERT INTO calls ({', '.join(INSERT_COLUMNS)}, hash) VALUES ({_PLACEHOLDERS}, ?)"
@@ -38,7 +42,7 @@ class SQLiteStore:
             raise StoreError(f"no store at {path} (nothing recorded yet? set --db or MCPMETER_DB)")
         try:
             if create:
-                file.parent.mkdir(parents=True, exist_ok=True)
+                _create_private(file)
             self._db = sqlite3.connect(
                 path, timeout=busy_timeout, isolation_level=None, check_same_thread=False
             )
@@ -104,30 +108,49 @@ class SQLiteStore:
 
     # -- writing ---------------------------------------------------------------------------
 
-    def write_calls(self, records: Sequence[CallRecord]) -> None:
-        """Insert ``records`` in order, extending the hash chain, in one write transaction."""
-        if not records:
-            return
+    def write_calls(self, records: Sequence[CallRecord], mark: BatchMark | None = None) -> int | None:
+        """Insert ``records`` in order, extending the hash chain, in one write transaction;
+        with ``mark``, record it (see :class:`~mcpmeter.store.base.BatchMark`)."""
+        if not records and mark is None:
+            return None
         with self.transaction():  # the write lock serialises the chain across processes
-            self._insert_calls(records)
+            committed = None if mark is None else record_mark(self._one, self._db.execute, mark)
+            if records:
+                self._insert_calls(records)
+            return committed
 
-    def load_spill(self, file_id: str, records: Sequence[CallRecord]) -> bool:
-        """Insert a spill file's records unless a file with this id was loaded before.
+    def load_spill(self, file_id: str, batches: Sequence[Spilled]) -> int:
+        """Insert a spill file's rows unless a file with this id was loaded before.
 
         The rows and the file's id are committed together, so loading the same spill file
-        twice (say after a crash between the commit and the file's removal) adds nothing.
-        Returns whether the rows were inserted.
+        twice (say after a crash between the commit and the file's removal) adds nothing;
+        batches that reached the store after all are skipped. Returns the rows inserted.
         """
         with self.transaction():
             seen = self._db.execute("SELECT 1 FROM spill_loads WHERE file_id = ?", (file_id,)).fetchone()
             if seen:
-                return False
-            self._insert_calls(records)
+                return 0
+            records = loadable(self._one, batches)
+            if records:
+                self._insert_calls(records)
             self._db.execute(
                 "INSERT INTO spill_loads (file_id, rows, loaded_at) VALUES (?, ?, ?)",
                 (file_id, len(records), iso_utc(time.time())),
             )
-            return True
+            return len(records)
+
+    def forget_writer(self, writer: str) -> None:
+        with self.transaction():
+            forget_writer(self._db.execute, writer)
+
+    def interrupt(self) -> None:
+        """Abort what this connection runs now (from another thread)."""
+        with contextlib.suppress(sqlite3.Error):
+            self._db.interrupt()
+
+    def _one(self, sql: str, params: Sequence[Any]) -> tuple[Any, ...] | None:
+        row = self._db.execute(sql, params).fetchone()
+        return None if row is None else tuple(row)
 
     def _insert_calls(self, records: Sequence[CallRecord]) -> None:
         last = self._db.execute("SELECT hash FROM calls ORDER BY id DESC LIMIT 1").fetchone()
@@ -198,3 +221,14 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _create_private(file: Path) -> None:
+    """The store's directory (0700 when made here) and file (0600 when made here).
+
+    SQLite gives its -wal and -shm files the main file's mode, so the whole store is private.
+    """
+    if not file.parent.exists():
+        file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

@@ -31,7 +31,6 @@ import contextlib
 import os
 import queue
 import re
-import signal
 import sys
 import threading
 import time
@@ -51,6 +50,7 @@ from mcpmeter.log import warn, warn_once
 from mcpmeter.meters.calls import C2S, S2C, CallMeter
 from mcpmeter.record import CallRecord
 from mcpmeter.relay import FdEndpoint, gate_verdict
+from mcpmeter.shutdown import Signals, quiet_thread
 from mcpmeter.tags import Tenant
 from mcpmeter.transports.rpc import (
     REQUEST,
@@ -531,6 +531,7 @@ class _StdoutWriter:
             await anyio.to_thread.run_sync(self._queue.put, data, abandon_on_cancel=True)
 
     def _run(self) -> None:
+        quiet_thread()
         while (data := self._queue.get()) is not None:
             if self._lost.is_set():
                 continue
@@ -550,6 +551,7 @@ def _read_stdin(
     loop: asyncio.AbstractEventLoop, send: MemoryObjectSendStream[list[tuple[bytes, float]]]
 ) -> None:
     """The stdin thread: lines (no size limit) go to the loop, a chunk's worth at a time."""
+    quiet_thread()
     source = FdEndpoint(0)
     lines: list[tuple[bytes, float]] = []
     splitter = LineSplitter(lambda line, seen: lines.append((bytes(line), seen)))
@@ -581,6 +583,7 @@ def run_url(options: UrlOptions) -> int:
     """Relay our stdio to the server at ``options.url`` until stdin closes or a signal comes."""
     from mcpmeter.wrap import budget_gate, finish, start_audit_writer
 
+    signals = Signals().install()  # ours to the exit (see mcpmeter.shutdown)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     meter_box: list[CallMeter] = []
     # Refusals are written by the relay itself (_relay_url), so the gate's inject is unused.
@@ -608,13 +611,13 @@ def run_url(options: UrlOptions) -> int:
     )
     meter_box.append(meter)
     try:
-        return anyio.run(_relay_url, options, meter, upstream, gate, backend="asyncio")
+        return anyio.run(_relay_url, options, meter, upstream, gate, signals, backend="asyncio")
     finally:
-        finish(meter, writer, gate, alerter)
+        finish(meter, writer, gate, alerter, signals)
 
 
 async def _relay_url(
-    options: UrlOptions, meter: CallMeter, holder: list[HttpUpstream], gate: BudgetGate
+    options: UrlOptions, meter: CallMeter, holder: list[HttpUpstream], gate: BudgetGate, signals: Signals
 ) -> int:
     stdout_lost = threading.Event()
     out = _StdoutWriter(stdout_lost)
@@ -647,12 +650,6 @@ async def _relay_url(
                         await upstream.send(frame)
         stop.set()  # stdin closed: the session is over
 
-    async def signals() -> None:
-        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
-            async for _ in received:
-                stop.set()
-                return
-
     async def upstream_gone(upstream: HttpUpstream) -> None:
         nonlocal exit_code
         await upstream.closed.wait()
@@ -662,6 +659,9 @@ async def _relay_url(
             stop.set()
 
     loop = asyncio.get_running_loop()
+    # A signal (handled on this thread, between the loop's steps) ends the session.
+    signals.while_relaying(lambda sig: loop.call_soon_threadsafe(stop.set))
+    signals.watch(loop)
     threading.Thread(target=_read_stdin, args=(loop, send_lines), name="mcpmeter-stdin", daemon=True).start()
     async with new_client() as client, anyio.create_task_group() as tg:
         upstream = HttpUpstream(
@@ -676,8 +676,9 @@ async def _relay_url(
             stop.set()
         if failed is None:
             tg.start_soon(pump, upstream)
-            tg.start_soon(signals)
             tg.start_soon(upstream_gone, upstream)
+        if signals.received:
+            stop.set()  # one came before the handler above was in place
         await stop.wait()
         with anyio.move_on_after(DRAIN_S):
             await upstream.wait_idle()

@@ -43,13 +43,13 @@ SIGTERM, then SIGKILL; remote sessions get their DELETE), and every row is writt
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import ipaddress
 import math
 import os
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -71,6 +71,7 @@ from mcpmeter.meters.audit import AuditWriter
 from mcpmeter.meters.calls import C2S, S2C, CallMeter
 from mcpmeter.record import CallRecord
 from mcpmeter.relay import gate_verdict
+from mcpmeter.shutdown import Signals
 from mcpmeter.tags import Tenant, new_session_id
 from mcpmeter.transports.child import ChildServer
 from mcpmeter.transports.http_client import HttpUpstream, new_client
@@ -1038,6 +1039,7 @@ def run_listen(options: ListenOptions) -> int:
 
     check_options(options)
     sock = _bind(options.host, options.port)
+    signals = Signals().install()  # ours to the exit (see mcpmeter.shutdown)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     budgets = _Budgets(options.alert_webhook)
     gates = budgets.gates
@@ -1059,19 +1061,21 @@ def run_listen(options: ListenOptions) -> int:
     )
     _BUDGETS[id(writer)] = budgets
     try:
-        anyio.run(_serve, options, writer, sock, backend="asyncio")
+        anyio.run(_serve, options, writer, sock, signals, backend="asyncio")
     finally:
         sock.close()
-        writer.close()
+        signals.while_flushing(writer)
+        writer.close(signals.flush_timeout())
+        signals.done()
         _BUDGETS.pop(id(writer), None)
         if budgets.alerter is not None:
-            budgets.alerter.close()
+            budgets.alerter.close(timeout=0 if signals.received[1:] else 1.0)
         if verbose():
             warn(f"{writer.written} rows written, {writer.spilled} spilled")
     return 0
 
 
-async def _serve(options: ListenOptions, writer: AuditWriter, sock: socket.socket) -> None:
+async def _serve(options: ListenOptions, writer: AuditWriter, sock: socket.socket, signals: Signals) -> None:
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -1109,16 +1113,20 @@ async def _serve(options: ListenOptions, writer: AuditWriter, sock: socket.socke
                     served.set()
 
             # Signals stay ours until the end: a second SIGTERM must not cut the shutdown short.
-            with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-                tg.start_soon(serve)
-                tg.start_soon(gateway.reap_idle)
-                warn(f"listening on http://{shown}:{port}/mcp (streamable HTTP) and /sse (HTTP+SSE)")
-                async for _ in signals:
-                    break
-                with anyio.move_on_after(DRAIN_S):
-                    await gateway.drain()
-                await gateway.close_all()
-                server.should_exit = True
-                with anyio.move_on_after(DRAIN_S):
-                    await served.wait()
+            stop = anyio.Event()
+            loop = asyncio.get_running_loop()
+            signals.while_relaying(lambda sig: loop.call_soon_threadsafe(stop.set))
+            signals.watch(loop)
+            if signals.received:
+                stop.set()
+            tg.start_soon(serve)
+            tg.start_soon(gateway.reap_idle)
+            warn(f"listening on http://{shown}:{port}/mcp (streamable HTTP) and /sse (HTTP+SSE)")
+            await stop.wait()
+            with anyio.move_on_after(DRAIN_S):
+                await gateway.drain()
+            await gateway.close_all()
+            server.should_exit = True
+            with anyio.move_on_after(DRAIN_S):
+                await served.wait()
         tg.cancel_scope.cancel()
