@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import sys
@@ -19,6 +20,21 @@ SERVERS = Path(__file__).resolve().parent / "servers"
 PYTHON = sys.executable
 #: The console script installed in the virtual environment the tests run from.
 MCPMETER = str(Path(sys.executable).with_name("mcpmeter"))
+
+
+@pytest.fixture(autouse=True)
+def no_chain_key() -> Iterator[None]:
+    """No chain key unless a test sets one, and none left behind in this process's cache."""
+    from mcpmeter.chain import reload_chain_key
+    from mcpmeter.errors import MeterError
+
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("MCPMETER_CHAIN_KEY", raising=False)
+        env.delenv("MCPMETER_CHAIN_KEY_FILE", raising=False)
+        reload_chain_key()
+        yield
+    with contextlib.suppress(MeterError):  # the environment is as it was: forget a test's key
+        reload_chain_key()
 
 
 @pytest.fixture

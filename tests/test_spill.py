@@ -31,13 +31,9 @@ from mcpmeter.store.base import BatchMark
 def backend(
     request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Backend]:
-    monkeypatch.delenv("MCPMETER_CHAIN_KEY", raising=False)
-    monkeypatch.delenv("MCPMETER_CHAIN_KEY_FILE", raising=False)
     monkeypatch.setenv("MCPMETER_SPILL_DIR", str(tmp_path / "state"))
-    reload_chain_key()
     with make_backend(request.param, tmp_path, monkeypatch) as made:
         yield made
-    reload_chain_key()
 
 
 @pytest.fixture
