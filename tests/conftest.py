@@ -92,3 +92,19 @@ def read_rows(db: Path) -> list[dict[str, object]]:
         return [dict(r) for r in con.execute("SELECT * FROM calls ORDER BY id")]
     finally:
         con.close()
+
+
+@contextlib.contextmanager
+def store_locked(db: Path) -> Iterator[None]:
+    """Another process's exclusive lock on a SQLite store (created and migrated first): the
+    store stuck, as when a long transaction or a backup holds it."""
+    from mcpmeter.store import open_store
+
+    open_store(str(db)).close()
+    holder = sqlite3.connect(db, isolation_level=None, timeout=30)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()

@@ -14,11 +14,10 @@ import re
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +29,12 @@ import msgspec
 import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
-from conftest import EXAMPLES, MCPMETER, PYTHON, ROOT, SERVERS, read_rows
+from conftest import EXAMPLES, MCPMETER, PYTHON, ROOT, SERVERS, read_rows, store_locked
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mcp import Client, StdioServerParameters, types
 from mcp.client.sse import sse_client
 
-from mcpmeter.store import open_store
 from mcpmeter.transports.rpc import member_spans, splice
 from mcpmeter.transports.sse import Event, SSEParser, encode_event
 
@@ -1121,19 +1119,6 @@ async def test_a_budget_on_listen_answers_calls_past_it_itself_per_session_and_r
 
 #: Gone within 2 s of the end (stdin EOF, or SIGTERM for --listen once its drain is done).
 EXIT_BOUND_S = 2.0
-
-
-@contextlib.contextmanager
-def store_locked(db: Path) -> Iterator[None]:
-    """Another process's exclusive lock on the SQLite store (created and migrated first)."""
-    open_store(str(db)).close()
-    holder = sqlite3.connect(db, isolation_level=None, timeout=30)
-    holder.execute("BEGIN EXCLUSIVE")
-    try:
-        yield
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
 
 
 def recover_rows(env: dict[str, str], db: Path) -> list[dict[str, Any]]:

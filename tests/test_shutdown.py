@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import threading
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import anyio
 import psycopg
 import pytest
-from conftest import MCPMETER, PYTHON, SERVERS, read_rows
+from conftest import MCPMETER, PYTHON, SERVERS, read_rows, store_locked
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client, StdioServerParameters, types
@@ -55,19 +54,6 @@ def requests(n: int) -> bytes:
         b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"t%d"}}\n' % (i, i % 7)
         for i in range(n)
     )
-
-
-@contextmanager
-def locked(db: Path) -> Iterator[None]:
-    """Another process's exclusive lock on the store (which exists and is migrated first)."""
-    open_store(str(db)).close()
-    holder = sqlite3.connect(db, isolation_level=None, timeout=30)
-    holder.execute("BEGIN EXCLUSIVE")
-    try:
-        yield
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
 
 
 class Shutdown:
@@ -166,7 +152,7 @@ def every(n: int) -> list[str]:
 def test_a_client_shutdown_while_another_process_locks_the_store_exits_in_time_and_loses_no_row(
     meter_env: dict[str, str], db_path: Path
 ) -> None:
-    with locked(db_path):
+    with store_locked(db_path):
         run = shut_down_like_a_client(meter_env, requests(2), sig=signal.SIGTERM, after=1.0)
     assert run.answers == 2
     assert run.returncode == 0  # the server's own code: it had exited at EOF
@@ -180,7 +166,7 @@ def test_a_client_shutdown_while_another_process_locks_the_store_exits_in_time_a
 def test_eof_alone_with_the_store_locked_exits_within_the_bound_and_spills_every_row(
     meter_env: dict[str, str], db_path: Path
 ) -> None:
-    with locked(db_path):
+    with store_locked(db_path):
         run = shut_down_like_a_client(meter_env, requests(50), sig=None, kill_after=20)
     assert (run.returncode, run.answers) == (0, 50)
     assert run.exit_s < EXIT_BOUND_S, run.stderr
@@ -197,7 +183,7 @@ async def test_the_sdk_clients_own_shutdown_with_the_store_locked_keeps_every_ro
         args=["wrap", "--", PYTHON, str(SERVERS / "counting_server.py"), str(counts)],
         env=meter_env,
     )
-    with locked(db_path):
+    with store_locked(db_path):
         with anyio.fail_after(60):
             async with Client(params, client_info=AGENT) as client:
                 result = await client.call_tool("lookup", {"query": "q"})
@@ -231,7 +217,7 @@ def test_sigterm_20_ms_after_eof_with_20000_pipelined_calls_leaves_one_row_per_r
 def test_a_signal_while_the_writer_waits_on_a_locked_store_spills_at_once_and_exits_with_the_servers_code(
     meter_env: dict[str, str], db_path: Path, sig: int
 ) -> None:
-    with locked(db_path):
+    with store_locked(db_path):
         run = shut_down_like_a_client(meter_env, requests(30), sig=sig, after=0.6)
     assert run.returncode == 0  # the server had exited: its code, not the signal's
     # The signal cut the flush short: it did not wait out its second (which began after
@@ -277,7 +263,7 @@ def test_a_signal_at_any_moment_of_the_exit_loses_no_row_and_duplicates_none(
     env = {k: v for k, v in os.environ.items() if not k.startswith("MCPMETER_")}
     env["MCPMETER_DB"] = str(db)
     if stuck:
-        with locked(db):
+        with store_locked(db):
             run = shut_down_like_a_client(env, requests(n), sig=sig, after=after, kill_after=20)
     else:
         run = shut_down_like_a_client(env, requests(n), sig=sig, after=after, kill_after=20)
