@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/report_bench.py
 	$(BIN)/python benchmarks/report_bench.py --postgres --rounds 1
 	$(BIN)/python benchmarks/http_bench.py
+	$(BIN)/python benchmarks/listen_bench.py
 	$(BIN)/python benchmarks/store_bench.py
 	$(BIN)/python benchmarks/budget_bench.py
 	$(BIN)/python benchmarks/exit_bench.py

@@ -19,20 +19,36 @@ to ``budget_events`` (``tail`` shows it) and optionally to a webhook.
 
 The loop guard (``--max-repeat N``) refuses the N+1th identical call (same tool, same
 arguments) in a session, with the same rejection shape.
+
+A call is reserved at the price of its tool on its server. Until the server has named
+itself (the ``initialize`` answer, or a 2026-07-28 result's ``_meta``), patterns such as
+``acme-server/*`` cannot be matched, so a call made before then (a client that pipelines
+its first calls behind ``initialize``) is reserved at the highest per-call price of every
+pattern whose tool part matches its tool, whatever the server; once the row is written,
+``settle`` gives back what the real price did not use. Such calls are never held: holding
+them on stdio would stop every frame behind them until the server answers (or forever, for
+a server that never names itself), and pricing high never lets a call through free.
 """
 
 from __future__ import annotations
 
 import calendar
+import fnmatch
 import hashlib
+import math
+import re
 import threading
 import time
+from bisect import bisect_right
+from collections import deque
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 
 from mcpmeter.log import warn
+from mcpmeter.meters.envelope import UNSET, Buffer, Params, read_envelope
 from mcpmeter.record import CallRecord, iso_utc
 from mcpmeter.tags import Tenant
 
@@ -46,6 +62,11 @@ REJECT_AS = ("tool-error", "jsonrpc-error")
 #: ranges JSON-RPC (-32768..-32000) and MCP reserve.
 BUDGET_ERROR_CODE = -31402
 STORED_REFRESH_S = 5.0
+#: The largest call limit a store holds (SQLite INTEGER and Postgres BIGINT are 64-bit).
+MAX_CALLS = 2**63 - 1
+#: Arguments up to this size are compared by the loop guard as JSON values (key order and
+#: spacing aside); larger ones by their bytes, so it never builds a big call's arguments.
+CANONICAL_ARGUMENTS_MAX = 1 << 16
 
 
 class Budget(NamedTuple):
@@ -70,6 +91,30 @@ class Refusal(NamedTuple):
 
 
 # -- windows ----------------------------------------------------------------------------------
+
+
+def usd_problem(value: object, what: str) -> str | None:
+    """What is wrong with ``value`` as a dollar limit (None: nothing). NaN, infinities and
+    negative amounts are refused: NaN would be stored as NULL, a budget without a limit."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{what} must be a number of dollars, got {value!r}"
+    if not math.isfinite(value) or value < 0:
+        return f"{what} must be a finite number of dollars, zero or more, got {value}"
+    return None
+
+
+def count_problem(value: object, what: str) -> str | None:
+    """What is wrong with ``value`` as a call limit (None: nothing): a whole number from 0
+    to :data:`MAX_CALLS`, the most a store's integer column holds."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        return f"{what} must be a whole number of calls, got {value!r}"
+    if not 0 <= value <= MAX_CALLS:
+        return f"{what} must be a whole number from 0 to {MAX_CALLS}, got {value}"
+    return None
 
 
 def window(period: str, now: float) -> tuple[str, str | None]:
@@ -247,18 +292,110 @@ def record_warning(store: Store, budget: Budget, start: str, spent: float, calls
 # -- the gate on the relay's path -------------------------------------------------------------
 
 
+_NULL = msgspec.Raw(b"null")
+
+
 class _Call(msgspec.Struct):
     name: Any = None
-    arguments: Any = None
+    #: The arguments' bytes, a view of the frame: never decoded here (a 200 MB argument
+    #: stays the frame's 200 MB); only the loop guard reads them, and small ones only.
+    arguments: msgspec.Raw = _NULL
 
 
 class _Request(msgspec.Struct):
+    """The part of a request the gate reads: the envelope, not the arguments."""
+
     id: Any = None
     method: Any = None
     params: _Call | list[Any] | str | int | float | bool | None = None
 
 
 _decode_request = msgspec.json.Decoder(_Request).decode
+
+
+def read_call(frame: Buffer) -> tuple[Any, str | None, Buffer | msgspec.Raw] | None:
+    """(id, tool name, raw arguments) of a ``tools/call`` request; None for any other frame."""
+    try:
+        request = _decode_request(frame)
+    except (msgspec.DecodeError, UnicodeDecodeError):  # ValidationError is a DecodeError
+        return None
+    except RecursionError:  # nested too deeply for msgspec (in its arguments, say)
+        return _read_deep_call(frame)
+    params = request.params
+    if request.method != "tools/call" or request.id is None or not isinstance(params, _Call):
+        return None
+    return request.id, params.name if isinstance(params.name, str) else None, params.arguments
+
+
+def _read_deep_call(frame: Buffer) -> tuple[Any, str | None, Buffer] | None:
+    try:
+        message, span = read_envelope(frame)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    params = message.params
+    if message.method != "tools/call" or message.id in (None, UNSET) or not isinstance(params, Params):
+        return None
+    arguments = memoryview(frame)[span[0] : span[1]] if span is not None else b"null"
+    return message.id, params.name if isinstance(params.name, str) else None, arguments
+
+
+def arguments_digest(arguments: Buffer | msgspec.Raw) -> str:
+    """What the loop guard compares: the arguments as a JSON value when small, else their bytes."""
+    if len(arguments) <= CANONICAL_ARGUMENTS_MAX:
+        try:
+            value = msgspec.json.decode(arguments)
+            return hashlib.sha256(msgspec.json.encode(value, order="sorted")).hexdigest()
+        except (msgspec.DecodeError, RecursionError):
+            pass
+    return hashlib.sha256(arguments).hexdigest()
+
+
+class WorstPrices:
+    """The highest per-call price in force for a tool under any server.
+
+    Prices a call made before the server is named: every pattern whose tool part (after
+    the first ``/``) matches the tool counts, whatever its server part says. Prices are
+    read from the store at most every :data:`STORED_REFRESH_S` seconds.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._loaded_at = -math.inf
+        #: (tool glob's fullmatch, effective_from times, per-call prices) per pattern.
+        self._patterns: list[tuple[Callable[[str], object], list[float], list[float]]] = []
+        self._by_tool: dict[str, list[int]] = {}
+
+    def cost(self, tool: str | None, now: float) -> float | None:
+        """The price, or None when no matching pattern has one in force at ``now``."""
+        if time.monotonic() - self._loaded_at >= STORED_REFRESH_S:
+            self._load()
+        name = tool or ""
+        matching = self._by_tool.get(name)
+        if matching is None:
+            matching = [i for i, (match, _, _) in enumerate(self._patterns) if match(name)]
+            self._by_tool[name] = matching
+        worst: float | None = None
+        for i in matching:
+            _, times, prices = self._patterns[i]
+            at = bisect_right(times, now) - 1
+            if at >= 0 and (worst is None or prices[at] > worst):
+                worst = prices[at]
+        return worst
+
+    def _load(self) -> None:
+        from mcpmeter.prices import tool_prices
+
+        timelines: dict[str, tuple[list[float], list[float]]] = {}
+        for price in tool_prices(self._store):  # by pattern, then date
+            times, prices = timelines.setdefault(price.pattern, ([], []))
+            times.append(datetime.fromisoformat(price.effective_from.replace("Z", "+00:00")).timestamp())
+            prices.append(price.per_call)
+        self._patterns = [
+            (re.compile(fnmatch.translate(pattern.partition("/")[2])).fullmatch, times, prices)
+            for pattern, (times, prices) in timelines.items()
+        ]
+        self._by_tool.clear()
+        self._loaded_at = time.monotonic()
 
 
 class BudgetGate:
@@ -300,9 +437,11 @@ class BudgetGate:
         self._ready = threading.Event()
         self._repeats: dict[tuple[str, str], int] = {}
         self._pricer: Any = None
+        self._worst: WorstPrices | None = None
         self._lock = threading.Lock()
-        #: jsonrpc id -> (budget windows reserved, price reserved): settled by the writer.
-        self._reserved: dict[str, tuple[list[tuple[Budget, str]], float]] = {}
+        #: jsonrpc id -> (budget windows reserved, price reserved) of each call reserved
+        #: with it, oldest first (an id may be in flight twice): settled by the writer.
+        self._reserved: dict[str, deque[tuple[list[tuple[Budget, str]], float]]] = {}
         #: Until the stored budgets are known, every tools/call is checked.
         self.active = True
         self.rejected = 0
@@ -331,33 +470,29 @@ class BudgetGate:
 
     # -- on the relay's path --------------------------------------------------------------
 
-    def check(self, frame: bytes) -> tuple[object, bytes] | None:
+    def check(self, frame: Buffer) -> tuple[object, bytes] | None:
         """(id, answer) to refuse ``frame`` with, or None to forward it."""
-        try:
-            request = _decode_request(frame)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+        call = read_call(frame)
+        if call is None:
             return None
-        if request.method != "tools/call" or request.id is None or not isinstance(request.params, _Call):
-            return None
+        rpc_id, tool, arguments = call
         if not self._ready.is_set():
             self._ready.wait(self._ready_timeout)
-        tool = request.params.name if isinstance(request.params.name, str) else None
-        refusal = self._loop_guard(tool, request.params.arguments)
+        refusal = self._loop_guard(tool, arguments)
         if refusal is None:
-            refusal = self._reserve(str(request.id), tool)
+            refusal = self._reserve(str(rpc_id), tool)
         if refusal is None:
             return None
         self.rejected += 1
-        return request.id, self._answer(request.id, refusal)
+        return rpc_id, self._answer(rpc_id, refusal)
 
     def answer(self, frame: bytes) -> None:
         self._inject(frame)
 
-    def _loop_guard(self, tool: str | None, arguments: Any) -> Refusal | None:
+    def _loop_guard(self, tool: str | None, arguments: Buffer | msgspec.Raw) -> Refusal | None:
         if self._max_repeat is None:
             return None
-        digest = hashlib.sha256(msgspec.json.encode(arguments, order="sorted")).hexdigest()
-        key = (tool or "", digest)
+        key = (tool or "", arguments_digest(arguments))
         count = self._repeats.get(key, 0) + 1
         self._repeats[key] = count
         if count <= self._max_repeat:
@@ -378,7 +513,12 @@ class BudgetGate:
             price = self._price(store, tool, now)
             refusal, after = reserve(store, budgets, price, now)
             if refusal is None:
-                self._reserved[rpc_id] = ([(b, start) for b, start, _s, _c in after], price)
+                reserved = ([(b, start) for b, start, _s, _c in after], price)
+                queue = self._reserved.get(rpc_id)
+                if queue is None:
+                    self._reserved[rpc_id] = deque((reserved,))
+                else:
+                    queue.append(reserved)
                 for budget, start, spent, calls in after:
                     self._maybe_warn(store, budget, start, spent, calls)
             return refusal
@@ -389,12 +529,18 @@ class BudgetGate:
         return self._store
 
     def _price(self, store: Store, tool: str | None, now: float) -> float:
+        server = self._server_name()
+        if server is None:  # not named yet: the worst its tool costs anywhere (module docstring)
+            if self._worst is None:
+                self._worst = WorstPrices(store)
+            worst = self._worst.cost(tool, now)
+            return worst if worst is not None else 0.0
         if self._pricer is None:
             from mcpmeter.prices import ToolPricer
 
             self._pricer = ToolPricer(store)
             self._pricer([])  # load the prices
-        cost = self._pricer.cost(self._server_name(), tool, now, 0)
+        cost = self._pricer.cost(server, tool, now, 0)
         return float(cost) if cost is not None else 0.0
 
     def _maybe_warn(self, store: Store, budget: Budget, start: str, spent: float, calls: int) -> None:
@@ -433,10 +579,14 @@ class BudgetGate:
             for record in records:
                 if record.method != "tools/call" or record.session_id != self._tenant.session_id:
                     continue
-                reserved = self._reserved.pop(record.jsonrpc_id, None)
-                if reserved is None or record.status == "rejected":
+                if record.status == "rejected":  # refused: it reserved nothing
                     continue
-                windows, price = reserved
+                queue = self._reserved.get(record.jsonrpc_id)
+                if not queue:
+                    continue
+                windows, price = queue.popleft()  # rows of one id come in the order it was sent
+                if not queue:
+                    del self._reserved[record.jsonrpc_id]
                 delta = (record.cost_usd or 0.0) - price
                 if abs(delta) > 1e-12:
                     deltas.extend((budget, start, delta) for budget, start in windows)

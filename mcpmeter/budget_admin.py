@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from mcpmeter.budget import PERIODS, Budget, llm_spend, window
+from mcpmeter.budget import PERIODS, SCOPES, Budget, count_problem, llm_spend, usd_problem, window
 from mcpmeter.errors import UsageError
 from mcpmeter.record import iso_utc
 from mcpmeter.store import open_store, resolve_db
@@ -24,11 +24,18 @@ def set_budget(
     includes_llm: bool,
     warn_at: float,
 ) -> None:
+    """Store (or replace) the budget of one subject; a :class:`UsageError` for a limit the
+    store could not hold or enforce (NaN, an infinity, a negative or out-of-range number)."""
+    if scope not in SCOPES:
+        raise UsageError(f"budget: the scope must be one of {', '.join(SCOPES)}, got {scope!r}")
     if period not in PERIODS:
         raise UsageError(f"budget: --window must be one of {', '.join(PERIODS)}")
-    if (usd is not None and usd < 0) or (calls is not None and calls < 0):
-        raise UsageError("budget: limits are zero or more")
-    if not 0 < warn_at <= 1:
+    problem = usd_problem(usd, "--usd") or count_problem(calls, "--calls")
+    if problem is not None:
+        raise UsageError(f"budget: {problem}")
+    if usd is None and calls is None:
+        raise UsageError("budget set: give --usd and/or --calls")
+    if isinstance(warn_at, bool) or not isinstance(warn_at, int | float) or not 0 < warn_at <= 1:
         raise UsageError("budget: --warn-at is a fraction between 0 and 1")
     store = open_store(resolve_db(db))
     try:
@@ -117,6 +124,12 @@ def render_budgets(lines: list[dict[str, Any]], fmt: str) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from mcpmeter.terminal import printable
+
+    def cell(value: object) -> Text:  # stored names are data: never markup, never escapes
+        return Text(printable(str(value)))
 
     table = Table(title="budgets", title_justify="left")
     for column in ("scope", "subject", "window", "limit", "spent", "used", "resets at", "set by"):
@@ -134,12 +147,12 @@ def render_budgets(lines: list[dict[str, Any]], fmt: str) -> None:
         colour = "red" if used >= 1 else "yellow" if used >= 0.8 else "green"
         table.add_row(
             line["scope"],
-            line["subject"],
+            cell(line["subject"]),
             line["window"],
             limit,
             f"${line['spent_usd']:.4f} / {line['calls']} calls",
             f"[{colour}]{used:.0%}[/{colour}]",
             line["resets_at"] or "never",
-            line["source"],
+            cell(line["source"]),
         )
     Console().print(table)

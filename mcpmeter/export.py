@@ -1,9 +1,19 @@
-"""``mcpmeter export``: audit rows out as JSON lines or CSV, streamed (memory stays flat)."""
+"""``mcpmeter export``: audit rows out as JSON lines or CSV, streamed (memory stays flat).
+
+:class:`CsvWriter` is the one CSV writer of mcpmeter (``export --format csv``, ``report
+--format csv``, ``report invocations --format csv``). Values come from clients and servers,
+so a spreadsheet must never take a cell for a formula (CSV injection, as OWASP describes
+it): a text cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets
+a leading ``'``, and so does one that starts with ``'`` itself, so the escape is reversible
+(drop one leading ``'`` from a text cell that has one). Numbers are written as numbers: a
+negative ``error_code`` stays ``-32602``. A cell holding a CR or an LF is always quoted, so
+every reader sees one record per row.
+"""
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 import orjson
@@ -32,19 +42,47 @@ def write_jsonl(rows: Iterable[tuple[Any, ...]], out: IO[bytes]) -> int:
     return count
 
 
-class _BytesWriter:
-    """Lets :mod:`csv` write text into a binary stream."""
+#: How a text cell may start that a spreadsheet could read as a formula (or that is the escape).
+CSV_ESCAPED_START = frozenset("=+-@\t\r'")
 
-    def __init__(self, out: IO[bytes]) -> None:
-        self._out = out
 
-    def write(self, text: str) -> int:
-        return self._out.write(text.encode())
+def csv_cell(value: Any) -> Any:
+    """One cell as :class:`CsvWriter` writes it: null empty, text escaped, numbers as they are."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value[:1] in CSV_ESCAPED_START:
+        return "'" + value
+    return value
+
+
+class _Line:
+    """The file :mod:`csv` writes to: one call per record, ending CR LF, passed on ending LF.
+
+    The csv module quotes a cell that holds a character of the line terminator, so with
+    CR LF a bare CR inside a value is quoted too (with LF alone it would not be, and readers
+    would split the record there); each record is then written with a plain LF.
+    """
+
+    def __init__(self, write: Callable[[str], object]) -> None:
+        self._write = write
+
+    def write(self, line: str) -> None:
+        self._write(line[:-2] + "\n")
+
+
+class CsvWriter:
+    """Writes CSV records to ``write`` (a text sink, e.g. ``out.write``); see the module doc."""
+
+    def __init__(self, write: Callable[[str], object]) -> None:
+        self._writer = csv.writer(_Line(write), lineterminator="\r\n")
+
+    def writerow(self, cells: Iterable[Any]) -> None:
+        self._writer.writerow(map(csv_cell, cells))
 
 
 def write_csv(rows: Iterable[tuple[Any, ...]], out: IO[bytes]) -> int:
     """A header row, then one line per row; nulls are empty cells."""
-    writer = csv.writer(_BytesWriter(out), lineterminator="\n")
+    writer = CsvWriter(lambda text: out.write(text.encode()))
     writer.writerow(COLUMNS)
     count = 0
     for row in rows:

@@ -47,6 +47,11 @@ an integer from 0 to :data:`MAX_TOKENS` (10^12), so that sums over the store sta
 taken as written, or POSIX epoch numbers: seconds below 10^11, milliseconds from there; from
 1970 to the end of year 9999 UTC. A record that breaks a rule is a bad row: skipped and
 counted (or, with ``--strict``, the end of the import).
+
+Every format is UTF-8 text (a leading BOM is dropped). A line that is not ends the import,
+whatever the format, with one line naming the file, the line and the first bad byte: a
+Latin-1 file would otherwise be half read as U+FFFD and half skipped. The rows before it
+stay imported, as with ``--strict`` (importing the fixed file adds them no second time).
 """
 
 from __future__ import annotations
@@ -553,6 +558,24 @@ def detect_format(record: Mapping[str, Any], container: str) -> str | None:
 Record = tuple[int, Mapping[str, Any] | BadRow]
 
 
+class NotUtf8(Exception):
+    """Line ``line`` of an import is not UTF-8: its first bad byte is ``byte``, at ``column`` (1-based)."""
+
+    def __init__(self, line: int, column: int, byte: int) -> None:
+        super().__init__(f"line {line} is not UTF-8")
+        self.line, self.column, self.byte = line, column, byte
+
+
+def _utf8_lines(lines: Iterable[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    """``lines`` as they are, raising :class:`NotUtf8` at the first that is not UTF-8."""
+    for number, raw in lines:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise NotUtf8(number, exc.start + 1, raw[exc.start]) from None
+        yield number, raw
+
+
 def _records(lines: Iterator[tuple[int, bytes]], name: str) -> tuple[str, Iterator[Record]]:
     """The container (``json``, ``csv`` or ``empty``) and its records, with line numbers."""
     for number, raw in lines:
@@ -594,7 +617,7 @@ def _csv_records(lines: Iterator[tuple[int, bytes]]) -> Iterator[Record]:
     def text() -> Iterator[str]:
         for number, raw in lines:
             last[0] = number
-            yield raw.decode("utf-8", errors="replace")
+            yield raw.decode("utf-8")  # checked by _utf8_lines
 
     reader = csv.reader(text())
     header = [name.strip() for name in next(reader, [])]
@@ -801,7 +824,6 @@ def _import(
     batch_size: int,
     now: float,
 ) -> ImportResult:
-    container, records = _records(enumerate(stream, 1), name)
     result = ImportResult(name, format, source)
     ledger = Ledger(store=store)
     batch: list[LedgerRow] = []
@@ -813,52 +835,61 @@ def _import(
             result.already += len(batch) - added
             batch.clear()
 
-    mapper: Mapper | None = None
-    for line, record in records:
-        if mapper is None and not isinstance(record, BadRow):
-            if format == "auto":
-                detected = detect_format(record, container)
-                if detected is None:
-                    raise UsageError(
-                        f"{name}:{line}: cannot tell the format from the first record:"
-                        f" use --format {'|'.join(FORMATS[1:])}"
-                    )
-                result.format = detected
-            mapper = MAPPERS[result.format]
-        try:
-            if isinstance(record, BadRow):
-                raise record
-            assert mapper is not None
-            row = mapper(record, source or result.format, now)
-        except BadRow as exc:
-            error = exc.at(name, line)
-            if strict:
+    try:
+        container, records = _records(_utf8_lines(enumerate(stream, 1)), name)
+        mapper: Mapper | None = None
+        for line, record in records:
+            if mapper is None and not isinstance(record, BadRow):
+                if format == "auto":
+                    detected = detect_format(record, container)
+                    if detected is None:
+                        raise UsageError(
+                            f"{name}:{line}: cannot tell the format from the first record:"
+                            f" use --format {'|'.join(FORMATS[1:])}"
+                        )
+                    result.format = detected
+                mapper = MAPPERS[result.format]
+            try:
+                if isinstance(record, BadRow):
+                    raise record
+                assert mapper is not None
+                row = mapper(record, source or result.format, now)
+            except BadRow as exc:
+                error = exc.at(name, line)
+                if strict:
+                    flush()
+                    raise BadRow(
+                        error.field,
+                        f"{error.problem} (--strict: stopped here;"
+                        f" {_rows(result.imported)} imported before it)",
+                        name,
+                        line,
+                    ) from None
+                result.skipped += 1
+                if result.first_error is None:
+                    result.first_error = error
+                continue
+            if source is not None or agent_id is not None or project_id is not None:
+                row = LedgerRow(
+                    row.ts,
+                    agent_id if agent_id is not None else row.agent_id,
+                    project_id if project_id is not None else row.project_id,
+                    row.request_id,
+                    row.model,
+                    row.prompt_tokens,
+                    row.completion_tokens,
+                    row.cached_tokens,
+                    source if source is not None else row.source,
+                    row.tags,
+                )
+            batch.append(row)
+            if len(batch) >= batch_size:
                 flush()
-                raise BadRow(
-                    error.field,
-                    f"{error.problem} (--strict: stopped here; {_rows(result.imported)} imported before it)",
-                    name,
-                    line,
-                ) from None
-            result.skipped += 1
-            if result.first_error is None:
-                result.first_error = error
-            continue
-        if source is not None or agent_id is not None or project_id is not None:
-            row = LedgerRow(
-                row.ts,
-                agent_id if agent_id is not None else row.agent_id,
-                project_id if project_id is not None else row.project_id,
-                row.request_id,
-                row.model,
-                row.prompt_tokens,
-                row.completion_tokens,
-                row.cached_tokens,
-                source if source is not None else row.source,
-                row.tags,
-            )
-        batch.append(row)
-        if len(batch) >= batch_size:
-            flush()
+    except NotUtf8 as exc:
+        flush()
+        raise MeterError(
+            f"{name}:{exc.line}: not UTF-8 (byte 0x{exc.byte:02x} at column {exc.column}): convert the file"
+            f" to UTF-8 (e.g. iconv -f latin1 -t utf-8); {_rows(result.imported)} imported before it"
+        ) from None
     flush()
     return result

@@ -43,6 +43,7 @@ from mcpmeter import __version__
 from mcpmeter.errors import MeterError, UsageError
 from mcpmeter.log import verbose, warn, warn_once
 from mcpmeter.record import CallRecord
+from mcpmeter.redact import scrub_text
 from mcpmeter.shutdown import quiet_thread
 
 if TYPE_CHECKING:
@@ -269,7 +270,8 @@ def _shared_attributes(record: CallRecord) -> list[tuple[str, Any]]:
     """Span attributes that repeat from span to span (encoded once per distinct set)."""
     attrs = _common_attributes(record)
     if record.tool is not None and record.method.startswith("resources/"):
-        attrs.append(("mcp.resource.uri", record.tool))
+        # Rows stored before URIs were scrubbed may still carry credentials (export replays them).
+        attrs.append(("mcp.resource.uri", scrub_text(record.tool)))
     attrs.append(("mcp.session.id", record.session_id))
     attrs.append(("mcpmeter.status", record.status))
     attrs.append(("mcpmeter.direction", record.direction))
@@ -553,7 +555,8 @@ class Encoder:
             if error_type(record.status, record.error_code) is not None:
                 status = _STATUS_ERROR
                 if record.error_message:
-                    status = _field(_STATUS_MESSAGE, _utf8(record.error_message)) + status
+                    message = scrub_text(record.error_message)
+                    status = _field(_STATUS_MESSAGE, _utf8(message)) + status
                 parts.append(_field(_SPAN_STATUS, status))
             parts.append(_SPAN_FLAGS + _pack_u32(flags))
             encoded.append(_field(_ITEM, b"".join(parts)))

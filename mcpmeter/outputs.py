@@ -25,6 +25,10 @@ first). Choices:
   nothing to replace and is written in place.
 - A target with other hard links is replaced under this name only; the other names keep the
   old content (the price of an atomic rename).
+
+:func:`writing_stdout` does for stdout what :func:`atomic_output` does for a file's errors: a
+write or the final flush failing (``/dev/full``, a full disk behind a redirect, EIO) is one
+line and exit 1, not a traceback, and nothing is reported twice at exit.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import contextlib
 import os
 import re
 import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -191,3 +196,30 @@ def _fsync_directory(directory: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def writing_stdout() -> Iterator[None]:
+    """Within the block, stdout failing is one :class:`MeterError` line instead of a traceback.
+
+    Everything written in the block is flushed before it ends, so a failure of the last
+    write surfaces here. A reader that went away (``BrokenPipeError``) is left to the caller
+    (``mcpmeter.__main__`` exits 141 quietly). Either way stdout is then pointed at
+    ``/dev/null``, so the interpreter's flush at exit has nowhere to fail.
+    """
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _discard_stdout()
+        raise
+    except OSError as exc:
+        _discard_stdout()
+        raise MeterError(f"cannot write to stdout: {exc.strerror or exc}") from None
+
+
+def _discard_stdout() -> None:
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)

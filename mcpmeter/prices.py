@@ -305,11 +305,19 @@ def read_price_file(path: Path, *, source: str = "import", now: float | None = N
     the file and the line (CSV) or entry (JSON) and the field.
     """
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        data = path.read_bytes()
     except OSError as exc:
         raise UsageError(f"cannot read {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{path}: not UTF-8 text") from None
+    data = data.removeprefix(b"\xef\xbb\xbf")  # a BOM
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # the same rule and message as ``ledger import``
+        line = data.count(b"\n", 0, exc.start) + 1
+        column = exc.start - data.rfind(b"\n", 0, exc.start)
+        raise UsageError(
+            f"{path}:{line}: not UTF-8 (byte 0x{data[exc.start]:02x} at column {column}): convert the file"
+            " to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
     default_from = iso_utc(time.time() if now is None else now)
     if text.lstrip().startswith("{"):
         return _read_json_prices(path, text, source, default_from)
@@ -574,14 +582,23 @@ class ToolPricer:
 
 def current_prices(db: str | None) -> tuple[list[ModelPrice], list[ToolPrice]]:
     """Every price row of the store at ``db`` (the bundled table loaded first if needed); the
-    bundled table alone when there is no store yet."""
+    bundled table alone when there is no store yet. A store opened read-only is not written
+    to: the bundled rows it lacks are shown as they would load."""
     from mcpmeter.store import open_store, resolve_db
+
+    def by_model(models: Iterable[ModelPrice]) -> list[ModelPrice]:
+        return sorted(models, key=lambda p: (p.model, p.effective_from))
 
     location = resolve_db(db)
     if "://" not in location and not Path(location).exists():
-        return sorted(bundled_table().models, key=lambda p: (p.model, p.effective_from)), []
+        return by_model(bundled_table().models), []
     store = open_store(location, create=False)
     try:
+        if getattr(store, "read_only", False):
+            models = model_prices(store)
+            if not any(m.source == BUNDLED for m in models):
+                models = by_model([*models, *bundled_table().models])
+            return models, tool_prices(store)
         ensure_bundled(store)
         return model_prices(store), tool_prices(store)
     finally:
@@ -597,6 +614,12 @@ def render_prices(db: str | None, format: str, out: IO[str]) -> None:
         return
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
+
+    from mcpmeter.terminal import printable
+
+    def text(value: str) -> Text:  # a name from the store: no markup, control characters escaped
+        return Text(printable(value))
 
     console = Console(file=out, width=max(100, Console(file=out).width))
     table = Table(title="Model prices (USD per million tokens)", title_justify="left")
@@ -604,13 +627,17 @@ def render_prices(db: str | None, format: str, out: IO[str]) -> None:
         table.add_column(name, justify="right" if name in ("input", "output", "cached") else "left")
     for m in models:
         cached = "" if m.cached is None else f"{m.cached:g}"
-        table.add_row(m.model, _day(m.effective_from), f"{m.input:g}", f"{m.output:g}", cached, m.source)
+        table.add_row(
+            text(m.model), _day(m.effective_from), f"{m.input:g}", f"{m.output:g}", cached, text(m.source)
+        )
     console.print(table)
     table = Table(title="Tool prices (USD)", title_justify="left")
     for name in ("pattern", "from", "per call", "per KB", "source"):
         table.add_column(name, justify="right" if name.startswith("per") else "left")
     for t in sorted(tools, key=lambda t: (specificity(t.pattern), t.effective_from)):
-        table.add_row(t.pattern, _day(t.effective_from), f"{t.per_call:g}", f"{t.per_kb:g}", t.source)
+        table.add_row(
+            text(t.pattern), _day(t.effective_from), f"{t.per_call:g}", f"{t.per_kb:g}", text(t.source)
+        )
     if not tools:
         table.caption = "none set: mcpmeter prices set tool 'SERVER/TOOL-GLOB' --per-call USD"
     console.print(table)

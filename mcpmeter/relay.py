@@ -7,6 +7,10 @@ I/O in two threads is the fastest relay Python has (each hop is one wake-up, no 
 loop) and gives end-to-end flow control for free: a slow reader blocks the write, which
 stops the read. The meter runs under one lock per connection, after the write, so it never
 delays the bytes it looks at; settled records leave through the audit writer's queue.
+
+The one exception is the client->server pump while a budget or the loop guard applies
+(its :class:`Gate`): a call must be decided before any of it reaches the server, so that
+pump forwards client lines whole, each once its newline has come (see ``Pump._gated``).
 """
 
 from __future__ import annotations
@@ -22,10 +26,22 @@ from typing import Protocol
 from mcpmeter.frame import LineSplitter
 from mcpmeter.log import warn_once
 from mcpmeter.meters.calls import CallMeter
+from mcpmeter.meters.envelope import Buffer
 from mcpmeter.shutdown import quiet_thread
 
 #: Bytes asked for per read. Larger reads would allocate with mmap on every call.
 CHUNK = 1 << 16
+#: How a ``tools/call`` request's method is written, but for JSON escapes: a line may be one
+#: only if it has this, or an escape that could spell it (``\/`` or ``\u``).
+_CALL = b'"tools/call"'
+_ESCAPES = (b"\\/", b"\\u")
+
+
+def _may_be_call(data: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
+    """Whether ``data[start:end]`` may hold a ``tools/call`` (the gate decides if it does)."""
+    if end is None:
+        end = len(data)
+    return data.find(_CALL, start, end) >= 0 or any(data.find(e, start, end) >= 0 for e in _ESCAPES)
 
 
 class Endpoint(Protocol):
@@ -34,7 +50,7 @@ class Endpoint(Protocol):
     def read(self) -> bytes:
         """The next chunk; ``b""`` at end of stream. Blocks."""
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         """Write all of ``data``. Blocks; raises OSError once the far side is gone."""
 
 
@@ -57,7 +73,7 @@ class FdEndpoint:
             except BlockingIOError:
                 select.select([self.fd], [], [])
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         fd = self.fd
         try:
             written = os.write(fd, data)
@@ -79,8 +95,11 @@ class Gate(Protocol):
     #: False while no budget or guard applies: the pump then forwards chunks untouched.
     active: bool
 
-    def check(self, frame: bytes) -> tuple[object, bytes] | None:
-        """(request id, answer frame) to refuse ``frame`` with, or None to forward it."""
+    def check(self, frame: Buffer) -> tuple[object, bytes] | None:
+        """(request id, answer frame) to refuse ``frame`` with, or None to forward it.
+
+        ``frame`` may be a view of the bytes read: nothing of it may be kept after the call.
+        """
 
     def answer(self, frame: bytes) -> None:
         """Send the client the proxy's own answer (between the server's frames)."""
@@ -104,7 +123,7 @@ class ClientWriter:
     def read(self) -> bytes:  # pragma: no cover - a sink only
         raise OSError("ClientWriter is not readable")
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         with self._lock:
             if self._pending:
                 if self._mid_line:
@@ -149,7 +168,7 @@ class Tap:
         self._meter = meter
         self._splitter = LineSplitter(self._on_line)
 
-    def _on_line(self, line: bytes | bytearray, seen: float) -> None:
+    def _on_line(self, line: Buffer, seen: float) -> None:
         # Errors are caught per frame, so one bad frame never costs the frames after it.
         try:
             self._meter.on_frame(self._direction, line, seen)
@@ -159,6 +178,16 @@ class Tap:
 
     def feed(self, data: bytes, seen: float) -> None:
         self._splitter.feed(data, seen)
+
+    def line(self, line: Buffer, seen: float) -> None:
+        """Meter one whole frame (without its ``\\n``) collected by the pump itself: a line
+        the gate held back, which the splitter never saw."""
+        self._on_line(line, seen)
+
+    @property
+    def mid_line(self) -> bool:
+        """Whether the splitter holds the start of a line (its end is still to come)."""
+        return self._splitter.pending_bytes > 0
 
     def finish(self, seen: float) -> None:
         """The stream ended: meter a last frame that had no newline."""
@@ -207,8 +236,8 @@ class Pump:
         self._thread = threading.Thread(target=self._run, name=f"mcpmeter-{name}", daemon=True)
         #: Decides, line by line, whether a tools/call may be forwarded (budgets, loop guard).
         self.gate: Gate | None = None
-        self._held: list[bytes] = []
-        self._refused: list[tuple[object, bytes]] = []
+        #: The unfinished line the gate holds back (without its newline): the only copy.
+        self._held = bytearray()
 
     def start(self) -> Pump:
         self._thread.start()
@@ -232,7 +261,12 @@ class Pump:
                     break
                 seen = clock()
                 # Held bytes of an unfinished line go first, whatever the gate says meanwhile.
-                if self._held or (gate is not None and gate.active and b'"tools/call"' in data):
+                # With the gate on, a chunk that ends inside a line is gated too: that line is
+                # held until complete, so a call split across reads (its method in the next
+                # chunk, or even cut in two) is still checked before any of it goes out.
+                if self._held or (
+                    gate is not None and gate.active and (data[-1] != 0x0A or _may_be_call(data))
+                ):
                     self._gated(data, seen)
                     continue
                 if not self.sink_lost:
@@ -244,9 +278,7 @@ class Pump:
                 with lock:
                     feed(data, seen)
         finally:
-            if self._held and not self.sink_lost:  # an unterminated last line: forward it as is
-                with contextlib.suppress(OSError):
-                    self.sink.write(b"".join(self._held))
+            self._end_held(clock())
             with lock:
                 self.tap.finish(clock())
             self._on_eof()
@@ -256,56 +288,108 @@ class Pump:
         self.sink_lost = True
         self._on_sink_lost()
 
-    def _gated(self, data: bytes, seen: float) -> None:
-        """Forward complete lines the gate lets through; answer the others from here.
-
-        Bytes of an unfinished line are held back until its newline arrives (a call must
-        not start reaching the server before it is allowed). They are kept as a list of
-        chunks and joined once, when the line is complete.
-        """
-        gate = self.gate
-        assert gate is not None
-        self.bytes += len(data)
-        end = data.rfind(b"\n") + 1
-        if end == 0:
-            self._held.append(data)
-        else:
-            if self._held:
-                self._held.append(data[:end])
-                complete = b"".join(self._held)
-            else:
-                complete = data[:end] if end < len(data) else data
-            self._held = [data[end:]] if end < len(data) else []
-            self._forward_lines(gate, complete, seen)
-        with self._lock:
-            self.tap.feed(data, seen)
-            for rpc_id, answer in self._refused:
-                self.tap.refused(rpc_id, len(answer), self._clock())
-        refused, self._refused = self._refused, []
-        for _rpc_id, answer in refused:
-            gate.answer(answer + b"\n")
-
-    def _forward_lines(self, gate: Gate, complete: bytes, seen: float) -> None:
-        forward: list[bytes] = []
-        start = 0
-        end = len(complete)
-        while start < end:
-            nl = complete.index(b"\n", start) + 1
-            line = complete[start:nl]
-            start = nl
-            verdict = gate_verdict(gate, line[:-1]) if b'"tools/call"' in line else None
-            if verdict is None:
-                forward.append(line)
-            else:
-                self._refused.append(verdict)
-        if forward and not self.sink_lost:
+    def _write(self, data: bytes | bytearray) -> None:
+        if not self.sink_lost:
             try:
-                self.sink.write(forward[0] if len(forward) == 1 else b"".join(forward))
+                self.sink.write(data)
             except OSError:
                 self._lose_sink()
 
+    def _gated(self, data: bytes, seen: float) -> None:
+        """Forward the complete lines the gate lets through; answer the others from here.
 
-def gate_verdict(gate: Gate, frame: bytes) -> tuple[object, bytes] | None:
+        A line is held back until its newline arrives (a call must not start reaching the
+        server before it is allowed). It is collected in one bytearray, the frame's only
+        copy: the gate reads its envelope in place, the meter is handed the same buffer and
+        the splitter never sees it, so a 200 MB call costs about 200 MB. Lines that end in
+        this chunk are checked where they lie. Each refusal reaches the meter right after
+        the line it refuses (the meter settles the newest request of that id).
+        """
+        gate = self.gate
+        assert gate is not None
+        tap = self.tap
+        self.bytes += len(data)
+        size = len(data)
+        pos = 0  # where the next line starts
+        out = 0  # data[out:pos] is let through and not written yet
+        done: bytearray | None = None  # the held line this chunk ends
+        done_verdict: tuple[object, bytes] | None = None
+        refused: list[tuple[int, tuple[object, bytes]]] = []  # (end in data, verdict)
+        if self._held:
+            nl = data.find(b"\n")
+            if nl < 0:
+                self._held += data
+                return
+            done, self._held = self._held, bytearray()
+            done += memoryview(data)[:nl]
+            done_verdict = self._verdict(gate, done)
+            if done_verdict is None:
+                self._write(done)
+                self._write(b"\n")
+            pos = out = nl + 1
+        elif tap.mid_line:
+            # This line's start went out before the gate was on (the store's budgets were
+            # still being read): the rest can only follow, and the splitter, which has its
+            # start, meters it.
+            nl = data.find(b"\n")
+            pos = size if nl < 0 else nl + 1
+        fed = out  # the splitter is fed data[fed:kept]
+        kept = size  # data[kept:] starts a line held back
+        while pos < size:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                kept = pos
+                self._held = bytearray(memoryview(data)[pos:])
+                break
+            if _may_be_call(data, pos, nl):
+                verdict = gate_verdict(gate, memoryview(data)[pos:nl])  # a view: no copy
+                if verdict is not None:
+                    if out < pos:
+                        self._write(data[out:pos])
+                    out = nl + 1
+                    refused.append((out, verdict))
+            pos = nl + 1
+        if out < kept:
+            self._write(data if out == 0 and kept == size else data[out:kept])
+        with self._lock:
+            if done is not None:
+                tap.line(done, seen)
+                if done_verdict is not None:
+                    tap.refused(done_verdict[0], len(done_verdict[1]), self._clock())
+            for end, (rpc_id, answer) in refused:
+                tap.feed(data[fed:end], seen)
+                tap.refused(rpc_id, len(answer), self._clock())
+                fed = end
+            if fed < kept:
+                tap.feed(data if fed == 0 and kept == size else data[fed:kept], seen)
+        if done_verdict is not None:
+            gate.answer(done_verdict[1] + b"\n")
+        for _end, (_rpc_id, answer) in refused:
+            gate.answer(answer + b"\n")
+
+    @staticmethod
+    def _verdict(gate: Gate, line: bytearray) -> tuple[object, bytes] | None:
+        return gate_verdict(gate, line) if _may_be_call(line) else None
+
+    def _end_held(self, seen: float) -> None:
+        """The stream ended inside a held line: the end of the stream ends it. It is checked,
+        forwarded unterminated as it came (or answered), and metered like any frame."""
+        held, self._held = self._held, bytearray()
+        if not held:
+            return
+        gate = self.gate
+        verdict = self._verdict(gate, held) if gate is not None else None
+        if verdict is None:
+            self._write(held)
+        with self._lock:
+            self.tap.line(held, seen)
+            if verdict is not None:
+                self.tap.refused(verdict[0], len(verdict[1]), self._clock())
+        if verdict is not None and gate is not None:
+            gate.answer(verdict[1] + b"\n")
+
+
+def gate_verdict(gate: Gate, frame: Buffer) -> tuple[object, bytes] | None:
     """The gate's verdict; when the gate itself fails (its store is down), the call goes on:
     the store failing never stops the relay."""
     try:

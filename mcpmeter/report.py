@@ -26,7 +26,6 @@ rows of those buckets.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ import orjson
 from mcpmeter.errors import UsageError
 from mcpmeter.prices import llm_cost_sql
 from mcpmeter.store.base import CallFilter, Store
+from mcpmeter.terminal import printable
 
 #: What ``--by`` accepts, besides ``tag:NAME``.
 GROUP_KEYS = ("project", "agent", "session", "tool", "server", "model", "day")
@@ -91,7 +91,9 @@ class Dialect:
     same: str
     """Null-safe equality operator: ``a <same> b`` is true when both are null."""
     distinct_list: Callable[[str], str]
-    """``distinct_list(expr)``: the distinct values of ``expr`` in a group, comma-separated."""
+    """``distinct_list(expr)``: the distinct non-null values of ``expr`` in a group, as the text
+    of a JSON array (a separator could occur in the values themselves: tool names may hold
+    commas)."""
 
 
 def dialect_sql(dialect: str) -> Dialect:
@@ -100,13 +102,15 @@ def dialect_sql(dialect: str) -> Dialect:
         return Dialect(
             tag=lambda column, name: f"json_extract({column}, {_literal(f'$.{_quoted(name)}')})",
             same="IS",
-            distinct_list=lambda expr: f"group_concat(DISTINCT {expr})",
+            distinct_list=lambda expr: f"json_group_array(DISTINCT {expr}) FILTER (WHERE {expr} IS NOT NULL)",
         )
     if dialect in ("postgres", "postgresql"):
         return Dialect(
             tag=lambda column, name: f"(CAST({column} AS jsonb) ->> {_literal(name)})",
             same="IS NOT DISTINCT FROM",
-            distinct_list=lambda expr: f"string_agg(DISTINCT {expr}, ',')",
+            distinct_list=lambda expr: (
+                f"CAST(json_agg(DISTINCT {expr}) FILTER (WHERE {expr} IS NOT NULL) AS text)"
+            ),
         )
     raise UsageError(f"report does not support the {dialect!r} store")
 
@@ -564,8 +568,7 @@ def iter_invocations(store: Store, where: CallFilter, top: int | None = None) ->
         row: dict[str, Any] = {}
         for column, value in zip(INVOCATION_COLUMNS, raw, strict=True):
             row[column] = value if column in text_columns else _clean(column, value)
-        if row["tools"]:
-            row["tools"] = ",".join(sorted(row["tools"].split(",")))
+        row["tools"] = sorted(set(orjson.loads(row["tools"]))) if row["tools"] else []
         yield row
 
 
@@ -608,11 +611,18 @@ def write_invocations_json(
 
 
 def write_csv(columns: Sequence[str], rows: Iterable[dict[str, Any]], out: IO[str]) -> None:
-    """A header row, then one line per row; nulls are empty cells."""
-    writer = csv.writer(out, lineterminator="\n")
+    """A header row, then one line per row; nulls are empty cells, a list (``tools``) the text
+    of a JSON array. Text is escaped against spreadsheet formulas (:class:`~mcpmeter.export.CsvWriter`)."""
+    from mcpmeter.export import CsvWriter
+
+    writer = CsvWriter(out.write)
     writer.writerow(columns)
     for row in rows:
-        writer.writerow(["" if row[c] is None else row[c] for c in columns])
+        writer.writerow(_csv_value(row[c]) for c in columns)
+
+
+def _csv_value(value: Any) -> Any:
+    return orjson.dumps(value).decode() if isinstance(value, list) else value
 
 
 def write_table(
@@ -623,7 +633,10 @@ def write_table(
     total: bool = True,
     notes: Sequence[str] = (),
 ) -> None:
-    """Aligned columns, a total line (sums; percentiles do not add up), then ``notes``."""
+    """Aligned columns, a total line (sums; percentiles do not add up), then ``notes``.
+
+    Values are shown with their control characters escaped (:func:`mcpmeter.terminal.printable`).
+    """
     cells = [[_cell(c, row[c]) for c in columns] for row in rows]
     if total and rows:
         sums = ["" for _ in columns]
@@ -632,7 +645,8 @@ def write_table(
             if i and column in _SUMMABLE:
                 sums[i] = _cell(column, sum(row[column] or 0 for row in rows))
         cells.append(sums)
-    widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(columns)]
+    header = [printable(c) for c in columns]
+    widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(header)]
     numeric = [c in _SUMMABLE or c.endswith("_ms") for c in columns]
 
     def line(values: Sequence[str]) -> str:
@@ -641,7 +655,7 @@ def write_table(
         ]
         return "  ".join(parts).rstrip()
 
-    out.write(line(list(columns)) + "\n")
+    out.write(line(header) + "\n")
     for i, values in enumerate(cells):
         if total and rows and i == len(cells) - 1:
             out.write(line(["-" * w for w in widths]) + "\n")
@@ -665,4 +679,6 @@ def _cell(column: str, value: Any) -> str:
         return f"{value:,.1f}"
     if isinstance(value, int) and not isinstance(value, bool):
         return f"{value:,}"
-    return str(value)
+    if isinstance(value, list):  # tool names: one quoted when it holds the separator
+        return printable(", ".join(orjson.dumps(v).decode() if "," in v else v for v in value) or "-")
+    return printable(str(value))

@@ -27,6 +27,7 @@ from mcpmeter.report import (
     where_sql,
 )
 from mcpmeter.store.base import CallFilter, Store
+from mcpmeter.terminal import printable
 
 #: Tableau 10: distinct at a glance, readable on white.
 PALETTE = (
@@ -53,8 +54,10 @@ def escape(text: str) -> str:
 
     The page must not reference anything outside itself, even in text: a resource URI used
     as a tool name renders the same but is not a link a viewer could follow or prefetch.
+    Control characters, which HTML does not allow in text (and which would act on a terminal
+    showing the file), are written as visible escapes (:func:`mcpmeter.terminal.printable`).
     """
-    return _escape(text).replace("//", "&#47;&#47;")
+    return _escape(printable(text)).replace("//", "&#47;&#47;")
 
 
 def write_html(

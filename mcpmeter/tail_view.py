@@ -3,6 +3,10 @@
 Each part renders itself at whatever size it is given (``Live`` re-renders at 4 frames a
 second, so a resized terminal gets a fitting frame on the next one). No I/O, no clock:
 everything comes from the snapshot.
+
+Values from the store (names, tags, notes) are shown through :func:`plain`: as plain
+``Text`` (never parsed as rich markup) with control characters escaped, so a tool name
+cannot style, move or clear the screen, or write to the clipboard.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from rich.table import Table
 from rich.text import Text
 
 from mcpmeter.tail_model import GROUPINGS, BudgetStatus, Snapshot
+from mcpmeter.terminal import printable
 
 STATUS_STYLE = {
     "ok": "green",
@@ -31,6 +36,11 @@ STATUS_STYLE = {
 #: Below this width the budgets panel goes under the summary instead of beside it.
 SIDE_BY_SIDE_MIN_WIDTH = 100
 BUDGETS_WIDTH = 40
+
+
+def plain(value: str | None, style: str = "", empty: str = "-") -> Text:
+    """A value from the store as text to draw: control characters escaped, no markup."""
+    return Text(printable(value) if value else empty, style=style)
 
 
 def fmt_ms(ms: float | None) -> str:
@@ -66,7 +76,7 @@ class Header:
 
     def __rich__(self) -> RenderableType:
         s = self.snap
-        title = Text.assemble(("mcpmeter tail", "bold"), "  ", (self.location, "cyan"))
+        title = Text.assemble(("mcpmeter tail", "bold"), "  ", (printable(self.location), "cyan"))
         state = (
             Text(" PAUSED ", style="bold black on yellow") if s.paused else Text("● live", style="bold green")
         )
@@ -86,7 +96,7 @@ class Header:
         if s.first_ts is not None:
             totals.append(f"   since {s.first_ts[11:19]} UTC", style="dim")
         if self.filters:
-            totals.append(f"   {self.filters}", style="dim")
+            totals.append(f"   {printable(self.filters)}", style="dim")
         totals.no_wrap = True
         totals.overflow = "ellipsis"
         grid = Table.grid(expand=True)
@@ -142,12 +152,12 @@ class RecentCalls:
         for call in recent:
             cells: dict[str, RenderableType] = {
                 "time UTC": call.ts_text[11:23],
-                "project": call.project or "-",
-                "agent": call.agent or "-",
-                "session": (call.session or "-")[:8],
-                "server": call.server or "-",
-                "tool": Text(call.tool, style="" if call.is_tool else "dim"),
-                "status": Text(call.status, style=STATUS_STYLE.get(call.status, "")),
+                "project": plain(call.project),
+                "agent": plain(call.agent),
+                "session": plain((call.session or "")[:8]),
+                "server": plain(call.server),
+                "tool": plain(call.tool, style="" if call.is_tool else "dim"),
+                "status": plain(call.status, style=STATUS_STYLE.get(call.status, "")),
                 "ms": fmt_ms(call.latency_ms),
                 "bytes": fmt_bytes(call.bytes),
                 "cost": fmt_usd(call.cost_usd),
@@ -182,7 +192,7 @@ class Summary:
         shown = groups[: fit - 1] if len(groups) > fit else groups
         for g in shown:
             table.add_row(
-                g.key,
+                plain(g.key),
                 f"{g.per_second:,.2f}",
                 f"{g.calls:,}",
                 Text(f"{g.errors:,}", style="red" if g.errors else ""),
@@ -217,7 +227,7 @@ class Budgets:
         fit = max(0, height - 2)
         lines: list[Text] = []
         if self.snap.budget_note:
-            lines.append(Text(self.snap.budget_note, style="yellow"))
+            lines.append(plain(self.snap.budget_note, style="yellow"))
         budgets = sorted(self.snap.budgets or (), key=lambda b: (-b.used, b.scope, b.subject))
         if not budgets and not self.snap.budget_note:
             lines.append(Text("no budgets", style="dim"))
@@ -247,8 +257,8 @@ def budget_line(b: BudgetStatus) -> Text:
     percent = "over" if used == float("inf") else f"{used:.0%}"
     return Text.assemble(
         (f"{percent:>5} ", style or "bold"),
-        (f"{b.scope} {b.subject}", style),
-        (f"  {amount} {b.window}", "dim"),
+        (printable(f"{b.scope} {b.subject}"), style),
+        (printable(f"  {amount} {b.window}"), "dim"),
         no_wrap=True,
         overflow="ellipsis",
     )

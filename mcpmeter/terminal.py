@@ -5,12 +5,18 @@ Ctrl-C still interrupts) and reads them on a thread, calling ``on_key`` for each
 terminal is restored when the ``with`` block ends, however it ends: :func:`signals_raise`
 turns SIGTERM and SIGHUP into an exception in the main thread, so those unwind through the
 same ``with`` blocks as ``q``, Ctrl-C and errors do.
+
+:func:`printable` makes text from the store safe to show on a terminal: tool names, agents,
+servers and hashes are whatever a client or a server sent, and a control character among
+them (an OSC 52 clipboard write, ``ESC[2J``, a bidi override) would act on the reader's
+terminal instead of being read. Every human-readable output passes its data through it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import select
 import signal
 import sys
@@ -20,6 +26,28 @@ import tty
 from collections.abc import Callable, Iterator
 from types import FrameType, TracebackType
 from typing import IO, Any
+
+#: What a terminal may act on rather than show: C0 controls (tab and newline included: one
+#: value must stay on its line and in its column), DEL, C1 controls (8-bit CSI, OSC, ...),
+#: and the bidi embeddings, overrides and isolates that reorder what follows them.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def printable(text: str) -> str:
+    """``text`` with each control character written as a visible escape (``\\x1b``, ``\\u202e``).
+
+    Text without any comes back unchanged (the same object). The escape is for reading, not
+    reversible: a name that really contains a backslash, ``x``, ``1``, ``b`` looks the same.
+    Machine-readable outputs (JSON, CSV, Parquet) keep the exact value instead.
+    """
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(_visible, text)
 
 
 class Terminated(Exception):

@@ -16,6 +16,7 @@ from mcpmeter.errors import UsageError
 if TYPE_CHECKING:
     from mcpmeter.budget import Budget
     from mcpmeter.tags import Tenant
+    from mcpmeter.transports.limits import ListenLimits
 
 DESCRIPTION = (
     "Run a stdio MCP server and relay its JSON-RPC frames unchanged, recording one audit row "
@@ -113,8 +114,107 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ORIGIN",
         help="with --listen: a browser Origin to accept besides localhost (repeatable)",
     )
+    add(
+        "--batch-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="with --listen: how long a batch's requests wait for the server before mcpmeter "
+        "answers them with an error (default 60)",
+    )
+    _add_listen_limits(parser)
     add("cmd", nargs=argparse.REMAINDER, metavar="CMD [ARGS...]", help="the server command")
     return parser
+
+
+#: The ``--listen`` limit flags: (flag, ListenLimits field, type, metavar, help). Defaults
+#: are ListenLimits's own; the flags default to None so that giving one without --listen is
+#: refused.
+_LIMIT_FLAGS: tuple[tuple[str, str, type, str, str], ...] = (
+    (
+        "--max-connections",
+        "max_connections",
+        int,
+        "N",
+        "open connections (default 4096, fewer if the open-file limit has no room); one more gets 503",
+    ),
+    ("--max-sessions", "max_sessions", int, "N", "live sessions (default 1000); one more gets 503"),
+    (
+        "--max-servers",
+        "max_servers",
+        int,
+        "N",
+        "server processes when each session has its own (default 100); one more session gets 503",
+    ),
+    (
+        "--session-rate",
+        "session_rate",
+        float,
+        "PER_SECOND",
+        "new sessions per second per client address (default 10; 0: no limit); past it 429",
+    ),
+    (
+        "--session-burst",
+        "session_burst",
+        int,
+        "N",
+        "new sessions one client address may open at once before --session-rate applies (default 100)",
+    ),
+    (
+        "--max-body",
+        "max_body",
+        str,
+        "SIZE",
+        "bytes of one request body, e.g. 64MiB (default 256MiB); past it 413",
+    ),
+    (
+        "--header-timeout",
+        "header_timeout",
+        float,
+        "SECONDS",
+        "a request head not complete in this long is closed (default 10)",
+    ),
+    (
+        "--idle-timeout",
+        "idle_timeout",
+        float,
+        "SECONDS",
+        "a connection on which mcpmeter waits for the client and no byte moves for this long "
+        "is closed (default 60)",
+    ),
+    (
+        "--evict-idle",
+        "evict_idle",
+        float,
+        "SECONDS",
+        "at --max-sessions or --max-servers, close the least recently used session idle this "
+        "long to make room (default 60; 0: never)",
+    ),
+)
+
+
+def _add_listen_limits(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("--listen limits (each client, and all of them)")
+    for flag, _, kind, metavar, text in _LIMIT_FLAGS:
+        group.add_argument(flag, type=kind, metavar=metavar, help=text)
+
+
+def _listen_limits(options: argparse.Namespace) -> ListenLimits:
+    """The limits given, checked, over the defaults of ListenLimits."""
+    from mcpmeter.transports.limits import ListenLimits, parse_size
+
+    given: dict[str, float | int] = {}
+    for flag, field, _, _, _ in _LIMIT_FLAGS:
+        value = getattr(options, field)
+        if value is None:
+            continue
+        if field == "max_body":
+            value = parse_size(value)
+        positive = field not in ("session_rate", "evict_idle")
+        if not (value > 0 if positive else value >= 0) or value == float("inf"):
+            more = "a positive number" if positive else "zero or more"
+            raise UsageError(f"wrap: {flag} must be {more}")
+        given[field] = value
+    return ListenLimits(**given)  # type: ignore[arg-type]
 
 
 def _add_budget_options(parser: argparse.ArgumentParser) -> None:
@@ -177,11 +277,15 @@ def _budgets(options: argparse.Namespace, tenant: Tenant) -> tuple[Budget, ...]:
 
 
 def _check_budget_options(options: argparse.Namespace) -> None:
-    if options.budget is not None and options.budget < 0:
-        raise UsageError("wrap: --budget must be zero or more dollars")
-    for name, value in (("--max-calls", options.max_calls), ("--max-repeat", options.max_repeat)):
-        if value is not None and value < 0:
-            raise UsageError(f"wrap: {name} must be zero or more")
+    from mcpmeter.budget import count_problem, usd_problem
+
+    problem = (
+        usd_problem(options.budget, "--budget")
+        or count_problem(options.max_calls, "--max-calls")
+        or count_problem(options.max_repeat, "--max-repeat")
+    )
+    if problem is not None:
+        raise UsageError(f"wrap: {problem}")
     if not 0 < options.warn_at <= 1:
         raise UsageError("wrap: --warn-at is a fraction between 0 and 1")
 
@@ -189,6 +293,9 @@ def _check_budget_options(options: argparse.Namespace) -> None:
 def main(args: list[str]) -> int:
     """Parse ``args`` (what follows ``wrap``), run the relay, return the exit code."""
     options = build_parser().parse_args(args)
+    from mcpmeter.fdlimit import raise_fd_limit
+
+    raise_fd_limit()  # connections, pipes and store files: the usual 1,024 is soon reached
     cmd: list[str] = list(options.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
@@ -274,7 +381,7 @@ def _configure_otlp(endpoint: str | None) -> None:
 
 
 def _check(options: argparse.Namespace, cmd: list[str]) -> None:
-    if options.kill_after < 0:
+    if not 0 <= options.kill_after < float("inf"):  # NaN fails the comparison too
         raise UsageError("wrap: --kill-after must be zero or more seconds")
     if options.url is not None and cmd:
         raise UsageError("wrap: give either --url or a server command, not both")
@@ -292,19 +399,23 @@ def _check(options: argparse.Namespace, cmd: list[str]) -> None:
             "--trust-tag-headers": options.trust_tag_headers,
             "--auth-token": options.auth_token is not None,
             "--allow-origin": bool(options.allow_origin),
+            "--batch-timeout": options.batch_timeout is not None,
+            **{flag: getattr(options, field) is not None for flag, field, _, _, _ in _LIMIT_FLAGS},
         }
         given = [name for name, value in listen_only.items() if value]
         if given:
             raise UsageError(f"wrap: {given[0]} goes with --listen")
     if options.shared_server and options.url is not None:
         raise UsageError("wrap: --shared-server goes with a server command, not --url")
+    if options.batch_timeout is not None and not 0 < options.batch_timeout < float("inf"):
+        raise UsageError("wrap: --batch-timeout must be a positive number of seconds")
 
 
 def _listen(options: argparse.Namespace, cmd: list[str], tenant: Tenant) -> int:
     import os
 
     from mcpmeter.transports.http_client import parse_headers
-    from mcpmeter.transports.http_server import ListenOptions, parse_listen, run_listen
+    from mcpmeter.transports.http_server import BATCH_TIMEOUT_S, ListenOptions, parse_listen, run_listen
 
     host, port = parse_listen(options.listen)
     return run_listen(
@@ -328,5 +439,7 @@ def _listen(options: argparse.Namespace, cmd: list[str], tenant: Tenant) -> int:
             max_repeat=options.max_repeat,
             reject_as=options.reject_as,
             alert_webhook=options.alert_webhook,
+            batch_timeout=options.batch_timeout or BATCH_TIMEOUT_S,
+            limits=_listen_limits(options),
         )
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import math
 import sqlite3
 import subprocess
 import threading
@@ -15,14 +16,16 @@ from typing import Any, ClassVar
 
 import anyio
 import pytest
-from conftest import MCPMETER, PYTHON, SERVERS, read_rows
+from conftest import MCPMETER, PYTHON, SERVERS, call_record, read_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client, StdioServerParameters
 from stores import BACKENDS, Backend, make_backend
 
-from mcpmeter.budget import Budget, reserve, window
+from mcpmeter.budget import Budget, BudgetGate, reserve, window
+from mcpmeter.errors import UsageError
 from mcpmeter.store import SQLiteStore
+from mcpmeter.tags import Tenant
 
 RAW = str(SERVERS / "raw_server.py")
 COUNTING = str(SERVERS / "counting_server.py")
@@ -282,6 +285,173 @@ def test_budget_show_lists_limits_spend_and_reset_and_reset_starts_over(
 def test_budget_commands_say_what_is_wrong_in_one_line(db_path: Path) -> None:
     result = cli("budget", "set", "--usd", "1", "--db", str(db_path))
     assert result.returncode == 2 and result.stderr.count(b"\n") == 1
+
+
+def one_line_error(result: subprocess.CompletedProcess[bytes], mentions: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count(b"\n") == 1 and b"Traceback" not in result.stderr, result.stderr
+    assert mentions.encode() in result.stderr
+
+
+@pytest.mark.parametrize(
+    "limit",
+    [
+        ("--usd", "nan"),  # stored as NULL, it would be a budget without a limit
+        ("--usd", "inf"),
+        ("--usd", "1e400"),
+        ("--usd", "-0.5"),
+        ("--calls", "99999999999999999999999"),  # more than the store's integers hold
+        ("--calls", "-1"),
+    ],
+)
+def test_budget_set_refuses_a_limit_that_is_not_finite_negative_or_too_big_in_one_line(
+    db_path: Path, limit: tuple[str, str]
+) -> None:
+    one_line_error(cli("budget", "set", "--project", "acme", *limit, "--db", str(db_path)), limit[0])
+    if db_path.exists():
+        con = sqlite3.connect(db_path)
+        assert con.execute("SELECT count(*) FROM budgets").fetchone() == (0,)
+        con.close()
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--budget", "nan"],
+        ["--budget", "inf"],
+        ["--budget", "-1"],
+        ["--max-calls", "99999999999999999999999"],
+        ["--max-calls", "-1"],
+        ["--max-repeat", "99999999999999999999999"],
+        ["--kill-after", "nan"],
+        ["--kill-after", "inf"],
+    ],
+)
+def test_wrap_refuses_a_budget_flag_that_is_not_finite_negative_or_too_big_in_one_line(
+    meter_env: dict[str, str], flags: list[str]
+) -> None:
+    result = subprocess.run(
+        [MCPMETER, "wrap", *flags, "--", PYTHON, RAW],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        env=meter_env,
+        timeout=60,
+    )
+    one_line_error(result, flags[0])
+
+
+@pytest.mark.parametrize(
+    ("usd", "calls"),
+    [(math.nan, None), (math.inf, None), (-1.0, None), (None, 2**63), (None, -1), (None, None)],
+)
+def test_the_python_api_refuses_the_same_limits(db_path: Path, usd: float | None, calls: int | None) -> None:
+    from mcpmeter.budget_admin import set_budget
+
+    with pytest.raises(UsageError):
+        set_budget(str(db_path), "project", "acme", "total", usd, calls, False, 0.8)
+
+
+def test_a_call_cut_across_two_reads_or_spelt_with_escapes_is_still_refused(
+    meter_env: dict[str, str], db_path: Path, tmp_path: Path
+) -> None:
+    # Read from a file, stdin comes in reads of exactly 64 KiB: the padding puts the read
+    # boundary inside the first call's "tools/call". The second call spells its method
+    # "tools\/call", which is "tools/call" to any JSON parser.
+    record = tmp_path / "server-read.bin"
+    first = call(1)
+    cut = 65536 - (first.index(b'"tools/call"') + 6)
+    head = b'{"jsonrpc":"2.0","method":"notifications/progress","params":{"pad":"'
+    padding = head + b"x" * (cut - len(head) - 4) + b'"}}\n'
+    escaped = call(2).replace(b'"tools/call"', b'"tools\\/call"')
+    stdin = tmp_path / "stdin.jsonl"
+    stdin.write_bytes(padding + first + escaped)
+    with stdin.open("rb") as source:
+        result = subprocess.run(
+            [MCPMETER, "wrap", "--max-calls", "0", "--", PYTHON, RAW, "--record", str(record)],
+            stdin=source,
+            capture_output=True,
+            env=meter_env,
+            timeout=60,
+        )
+    assert result.returncode == 0, result.stderr
+    got = answers(result.stdout)
+    assert got[1]["result"]["isError"] is True and got[2]["result"]["isError"] is True
+    assert record.read_bytes() == padding  # neither call reached the server
+    assert sorted(r["status"] for r in read_rows(db_path)) == ["rejected", "rejected"]
+
+
+# -- calls made before the server has named itself -------------------------------------------
+
+INITIALIZE = (
+    b'{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18",'
+    b'"capabilities":{},"clientInfo":{"name":"pipeliner","version":"1"}}}\n'
+)
+
+
+def test_calls_pipelined_behind_initialize_are_never_reserved_free(
+    meter_env: dict[str, str], db_path: Path
+) -> None:
+    # The price names the server (the raw server calls itself raw-server), which is not known
+    # until initialize is answered; the four calls go out in the same write as initialize.
+    db = str(db_path)
+    assert cli("prices", "set", "tool", "raw-server/*", "--per-call", "0.01", "--db", db).returncode == 0
+    frames = INITIALIZE + b"".join(call(i) for i in range(1, 5))
+
+    result = run_raw(meter_env, frames, "--budget", "0.015")
+
+    assert result.returncode == 0, result.stderr
+    got = answers(result.stdout)
+    assert [bool(got[i]["result"].get("isError")) for i in range(1, 5)] == [False, True, True, True]
+    calls = {r["jsonrpc_id"]: r for r in read_rows(db_path) if r["method"] == "tools/call"}
+    assert [calls[str(i)]["status"] for i in range(1, 5)] == ["ok", "rejected", "rejected", "rejected"]
+    assert calls["1"]["server"] == "raw-server" and calls["1"]["cost_usd"] == pytest.approx(0.01)
+    con = sqlite3.connect(db_path)
+    ((spent,),) = con.execute("SELECT spent_usd FROM budget_spend").fetchall()
+    con.close()
+    assert spent == pytest.approx(0.01)
+
+
+def test_a_call_before_the_server_is_named_reserves_its_tools_worst_price_and_settles_to_the_real_one(
+    db_path: Path, store: SQLiteStore
+) -> None:
+    db = str(db_path)
+    for pattern, price in (
+        ("raw-server/*", "0.01"),
+        ("other-server/lookup", "0.03"),
+        ("*/other_tool", "0.5"),
+    ):
+        assert cli("prices", "set", "tool", pattern, "--per-call", price, "--db", db).returncode == 0
+    server: list[str | None] = [None]
+    tenant = Tenant(project_id="acme", agent_id="bot", session_id="s-1", tags={})
+    gate = BudgetGate(
+        lambda: SQLiteStore(db),
+        tenant,
+        inject=lambda frame: None,
+        budgets=[Budget("session", "s-1", limit_usd=1.0)],
+        server_name=lambda: server[0],
+    )
+
+    def spent() -> float:
+        ((value,),) = store.query("SELECT spent_usd FROM budget_spend")
+        return float(value)
+
+    try:
+        gate.refresh(store)
+        assert gate.check(call(1, "lookup")[:-1]) is None
+        assert spent() == pytest.approx(0.03)  # the most "lookup" costs on any server
+        server[0] = "raw-server"
+        assert gate.check(call(2, "lookup")[:-1]) is None
+        assert spent() == pytest.approx(0.04)
+        rows = [
+            call_record(
+                jsonrpc_id=str(i), session_id="s-1", tool="lookup", server="raw-server", cost_usd=0.01
+            )
+            for i in (1, 2)
+        ]
+        gate.settle(store, rows)
+        assert spent() == pytest.approx(0.02)  # what the real price did not use, given back
+    finally:
+        gate.close()
 
 
 # -- the gate never changes a byte it lets through -------------------------------------------

@@ -13,9 +13,12 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mcpmeter.errors import UsageError
 from mcpmeter.meters.calls import CallMeter
+from mcpmeter.meters.envelope import decode_message, read_envelope
 from mcpmeter.record import CallRecord
 from mcpmeter.tags import Tenant, resolve_tenant
 from mcpmeter.timeparse import parse_when
@@ -211,6 +214,16 @@ def test_an_error_message_is_cut_at_512_characters() -> None:
     assert wire.only_row().error_message == "é" * 511 + "x"
 
 
+def test_an_error_message_is_scrubbed_before_it_is_cut() -> None:
+    # Cut first, the DSN would end before its "@" and no longer look like one.
+    wire = Wire()
+    wire.request(1, "tools/call", {"name": "x"})
+    wire.error(1, -32000, "e" * 470 + " postgresql://admin:hunter2secret@db.internal/app failed")
+    message = wire.only_row().error_message
+    assert message is not None and len(message) <= 512
+    assert "hunter" not in message and message.startswith("e" * 470 + " postgresql://admin:")
+
+
 def test_a_cancelled_request_is_recorded_cancelled_and_its_late_response_is_ignored() -> None:
     wire = Wire()
     wire.request(7, "tools/call", {"name": "slow"})
@@ -238,14 +251,61 @@ def test_closing_the_stream_records_every_pending_request_as_no_response() -> No
     assert wire.meter.pending_count == 0
 
 
-def test_an_id_reused_before_its_response_settles_the_first_request_as_no_response() -> None:
+def test_an_id_reused_before_its_response_waits_its_turn_and_responses_settle_in_order() -> None:
     wire = Wire()
     wire.request(1, "tools/call", {"name": "first"}, at=0.0)
     wire.request(1, "tools/call", {"name": "second"}, at=1.0)
     wire.result(1, at=1.5)
-    assert [(r.tool, r.status) for r in wire.rows] == [("first", "no_response"), ("second", "ok")]
-    assert wire.rows[1].latency_ms == pytest.approx(500.0)
+    assert [(r.tool, r.status) for r in wire.rows] == [("first", "ok")]
+    assert wire.rows[0].latency_ms == pytest.approx(1500.0)
+    wire.error(1, -32000, "boom", at=2.0)
+    assert [(r.tool, r.status) for r in wire.rows] == [("first", "ok"), ("second", "error")]
+    assert wire.rows[1].latency_ms == pytest.approx(1000.0)
     assert wire.meter.stats.duplicate_ids == 1
+    assert wire.meter.pending_count == 0
+
+
+def test_a_cancellation_of_an_id_in_flight_twice_cancels_the_oldest_and_a_refusal_the_newest() -> None:
+    wire = Wire()
+    for name in ("a", "b", "c"):
+        wire.request(4, "tools/call", {"name": name})
+    wire.meter.on_refused("c2s", 4, 10, 0.0)  # the proxy answered the one it was just asked about
+    wire.send("c2s", {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 4}})
+    wire.result(4)
+    assert [(r.tool, r.status) for r in wire.rows] == [("c", "rejected"), ("a", "cancelled"), ("b", "ok")]
+
+
+def test_closing_the_stream_records_every_request_of_a_shared_id_as_no_response_in_order() -> None:
+    wire = Wire()
+    wire.request(2, "tools/call", {"name": "a"}, at=0.0)
+    wire.request(3, "tools/call", {"name": "b"}, at=1.0)
+    wire.request(2, "tools/call", {"name": "c"}, at=2.0)
+    wire.request(2, "tools/call", {"name": "d"}, at=3.0)
+    wire.result(2, at=4.0)
+    assert wire.meter.pending_count == 3
+    wire.meter.close()
+    assert [(r.tool, r.status) for r in wire.rows] == [
+        ("a", "ok"),
+        ("b", "no_response"),
+        ("c", "no_response"),
+        ("d", "no_response"),
+    ]
+
+
+def test_responses_metered_before_their_requests_pair_in_order_when_an_id_is_shared() -> None:
+    # The server->client thread may meter a response before the client->server thread has
+    # metered its request; responses seen before a request cannot answer it.
+    wire = Wire()
+    wire.result(5, {"isError": True}, at=0.5)  # stale: older than any request below
+    wire.result(5, {}, at=2.0)
+    wire.result(5, {"isError": True}, at=3.0)
+    wire.request(5, "tools/call", {"name": "a"}, at=1.0)
+    wire.request(5, "tools/call", {"name": "b"}, at=1.5)
+    assert [(r.tool, r.status, r.latency_ms) for r in wire.rows] == [
+        ("a", "ok", pytest.approx(1000.0)),
+        ("b", "tool_error", pytest.approx(1500.0)),
+    ]
+    assert wire.meter.stats.unmatched_responses == 1
 
 
 def test_an_id_reused_after_its_response_is_a_new_call() -> None:
@@ -425,6 +485,182 @@ def test_a_batch_member_nested_deeper_than_orjson_writes_is_metered_without_rais
     wire.meter.on_frame("c2s", frame, 0.0)
     wire.meter.close()
     assert [(r.tool, r.status) for r in wire.rows] == [("deep", "no_response")]
+
+
+# -- frames nested deeper than msgspec recurses -----------------------------------------------
+
+DEEP = 100_000
+
+
+def nested(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def test_a_call_nested_100k_deep_in_its_arguments_and_its_deep_result_make_one_row() -> None:
+    wire = Wire()
+    request = (
+        b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"arguments":{"a":'
+        + nested(DEEP)
+        + b'},"name":"deep","_meta":{"requestId":"r-1","traceparent":"'
+        + TRACEPARENT.encode()
+        + b'"}}}'
+    )
+    response = b'{"jsonrpc":"2.0","id":1,"result":{"content":' + nested(DEEP) + b',"isError":true}}'
+    wire.meter.on_frame("c2s", request, 0.0)
+    wire.meter.on_frame("s2c", response, 0.5)
+    row = wire.only_row()
+    assert (row.tool, row.status, row.request_id, row.trace_id) == ("deep", "tool_error", "r-1", TRACE)
+    assert (row.request_bytes, row.response_bytes) == (len(request), len(response))
+    assert wire.meter.stats.meter_errors == 0
+
+
+def test_a_batch_nested_100k_deep_is_metered_member_by_member() -> None:
+    wire = Wire()
+    member = b'{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"b","arguments":' + nested(DEEP)
+    frame = b'[{"jsonrpc":"2.0","id":1,"method":"ping"}, ' + member + b"}}, " + nested(DEEP) + b"]"
+    wire.meter.on_frame("c2s", frame, 0.0)
+    wire.meter.close()
+    assert [(r.method, r.tool, r.status) for r in wire.rows] == [
+        ("ping", None, "no_response"),
+        ("tools/call", "b", "no_response"),
+    ]
+    assert wire.rows[1].request_bytes == len(member) + 2
+    assert wire.meter.stats.not_jsonrpc == 1  # the bare nested array is no message
+
+
+def test_a_deep_frame_that_is_not_json_counts_as_not_json_and_writes_no_row() -> None:
+    wire = Wire()
+    for frame in (b"[" * DEEP, b'{"id":1,"a":' + b"[" * DEEP + b"}" * DEEP, b'{"id":' + nested(DEEP) + b"}"):
+        wire.meter.on_frame("c2s", frame, 0.0)
+    wire.meter.close()
+    assert wire.rows == []
+    assert (wire.meter.stats.not_json, wire.meter.stats.not_jsonrpc, wire.meter.stats.meter_errors) == (
+        2,
+        1,
+        0,
+    )
+
+
+JSON_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=8),
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=12,
+)
+ENVELOPE_KEYS = st.sampled_from(
+    [
+        "id",
+        "method",
+        "params",
+        "result",
+        "error",
+        "jsonrpc",
+        "name",
+        "uri",
+        "_meta",
+        "isError",
+        "code",
+        "message",
+    ]
+)
+
+
+def envelope_like() -> st.SearchStrategy[dict[str, Any]]:
+    """Objects shaped like JSON-RPC messages: envelope keys, any values, nested envelopes."""
+    member = st.one_of(JSON_VALUES, st.dictionaries(ENVELOPE_KEYS, JSON_VALUES, max_size=5))
+    return st.dictionaries(st.one_of(ENVELOPE_KEYS, st.text(max_size=4)), member, max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(message=envelope_like(), spaces=st.booleans(), ascii=st.booleans())
+def test_the_bounded_reader_reads_what_msgspec_reads(
+    message: dict[str, Any], spaces: bool, ascii: bool
+) -> None:
+    import json
+
+    separators = (", ", ": ") if spaces else (",", ":")
+    frame = json.dumps(message, separators=separators, ensure_ascii=ascii).encode()
+    envelope, arguments = read_envelope(frame)
+    assert envelope == decode_message(frame)
+    params = message.get("params")
+    if isinstance(params, dict) and "arguments" in params:
+        assert arguments is not None
+        assert orjson.loads(frame[arguments[0] : arguments[1]]) == params["arguments"]
+
+
+# -- one id in flight more than once ----------------------------------------------------------
+
+IDS = (1, 2, "1", "x")
+OUTCOMES = ("ok", "error", "tool_error")
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_any_interleaving_of_requests_sharing_ids_gives_one_row_per_request_with_its_status(
+    data: st.DataObject,
+) -> None:
+    """A server answers each id's requests in the order they came, and may stop answering
+    (the stream ends). Whatever order the two relay threads meter the frames in, each
+    request gets one row with its own status, latency and sizes."""
+    ids = data.draw(st.lists(st.sampled_from(IDS), min_size=1, max_size=12), label="ids")
+    outcomes = [data.draw(st.sampled_from(OUTCOMES)) for _ in ids]
+    # Per id, how many of its requests the server answers (the first ones: answers in order).
+    answered_per_id = {rpc_id: data.draw(st.integers(0, ids.count(rpc_id))) for rpc_id in set(ids)}
+    queue: dict[object, list[int]] = {rpc_id: [] for rpc_id in set(ids)}  # sent, not yet answered
+    budget = dict(answered_per_id)
+    # The timeline: send the next request, or answer the oldest sent request of some id.
+    c2s: list[tuple[float, int]] = []  # (time, request index)
+    s2c: list[tuple[float, int]] = []  # (time, index of the request answered)
+    sent = 0
+    clock = 0.0
+    while True:
+        choices = ["send"] if sent < len(ids) else []
+        choices += [f"answer {i}" for i, rpc_id in enumerate(IDS) if queue.get(rpc_id) and budget[rpc_id]]
+        if not choices:
+            break
+        choice = data.draw(st.sampled_from(choices))
+        clock += 1.0
+        if choice == "send":
+            c2s.append((clock, sent))
+            queue[ids[sent]].append(sent)
+            sent += 1
+        else:
+            rpc_id = IDS[int(choice.split()[1])]
+            s2c.append((clock, queue[rpc_id].pop(0)))
+            budget[rpc_id] -= 1
+    # The meter sees each direction in order, the two directions merged any way.
+    wire = Wire()
+    request_bytes: dict[int, int] = {}
+    response_bytes: dict[int, int] = {}
+    while c2s or s2c:
+        if c2s and (not s2c or data.draw(st.booleans())):
+            at, index = c2s.pop(0)
+            request_bytes[index] = len(wire.request(ids[index], "tools/call", {"name": f"t{index}"}, at=at))
+        else:
+            at, index = s2c.pop(0)
+            rpc_id, outcome = ids[index], outcomes[index]
+            if outcome == "error":
+                frame = wire.error(rpc_id, -32000, "failed", at=at)
+            else:
+                frame = wire.result(rpc_id, {"isError": outcome == "tool_error"}, at=at)
+            response_bytes[index] = len(frame)
+    wire.meter.close()
+    rows = {row.tool: row for row in wire.rows}
+    assert len(wire.rows) == len(ids) == len(rows)
+    for index, rpc_id in enumerate(ids):
+        row = rows[f"t{index}"]
+        answered = index in response_bytes
+        assert row.status == (outcomes[index] if answered else "no_response")
+        assert row.jsonrpc_id == str(rpc_id)
+        assert row.request_bytes == request_bytes[index]
+        assert row.response_bytes == response_bytes.get(index)
+    assert wire.meter.pending_count == 0
 
 
 # -- tenant tags ------------------------------------------------------------------------------

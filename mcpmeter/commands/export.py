@@ -57,7 +57,7 @@ def export(
     ] = None,
 ) -> None:
     from mcpmeter.export import FORMATS, write_csv, write_jsonl
-    from mcpmeter.outputs import atomic_output, guard_output
+    from mcpmeter.outputs import atomic_output, guard_output, writing_stdout
     from mcpmeter.store import CallFilter, open_store, resolve_db
     from mcpmeter.timeparse import parse_when
 
@@ -95,8 +95,8 @@ def export(
             return
         write = write_jsonl if format == "jsonl" else write_csv
         if output is None:
-            write(rows, sys.stdout.buffer)
-            sys.stdout.buffer.flush()
+            with writing_stdout():
+                write(rows, sys.stdout.buffer)
         else:
             with atomic_output(output) as out:
                 write(rows, out)

@@ -88,10 +88,13 @@ def add(
         except BadRow as exc:  # a value the ledger refuses (a count past MAX_TOKENS, ...): exit 2
             flag = _FLAGS.get(exc.field or "", exc.field or "")
             raise UsageError(f"{flag}: {exc.problem}" if flag else exc.problem) from None
+    from mcpmeter.terminal import printable
+
+    call = printable(f"{request_id} ({source})")
     if added:
-        sys.stderr.write(f"added {request_id} ({source})\n")
+        sys.stderr.write(f"added {call}\n")
     else:
-        sys.stderr.write(f"{request_id} ({source}) is already in the ledger: nothing added\n")
+        sys.stderr.write(f"{call} is already in the ledger: nothing added\n")
 
 
 def import_(

@@ -18,10 +18,24 @@ SessionFilter = Annotated[str | None, typer.Option("--session", help="Only this 
 ToolFilter = Annotated[
     str | None, typer.Option("--tool", help="Only this tool (or prompt name, resource URI).")
 ]
+
+
+def _known_status(value: str | None) -> str | None:
+    """``--status`` names one of :data:`mcpmeter.record.STATUSES` (a typo would match nothing)."""
+    from mcpmeter.errors import UsageError
+    from mcpmeter.record import STATUSES
+
+    if value is not None and value not in STATUSES:
+        raise UsageError(f"unknown status {value!r}: use one of {', '.join(STATUSES)}")
+    return value
+
+
 StatusFilter = Annotated[
     str | None,
     typer.Option(
-        "--status", help="Only this status: ok, error, tool_error, rejected, cancelled, no_response."
+        "--status",
+        help="Only this status: ok, error, tool_error, rejected, cancelled, no_response.",
+        callback=_known_status,
     ),
 ]
 SinceOption = Annotated[

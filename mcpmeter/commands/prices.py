@@ -54,6 +54,7 @@ def set_model(
 ) -> None:
     from mcpmeter.prices import ensure_bundled, set_model_price
     from mcpmeter.store import open_store, resolve_db
+    from mcpmeter.terminal import printable
     from mcpmeter.timeparse import parse_when
 
     when = parse_when(effective_from) if effective_from else None
@@ -63,7 +64,7 @@ def set_model(
         price = set_model_price(store, model, input, output, cached, when)
     finally:
         store.close()
-    sys.stderr.write(f"{price.model}: {_usd(price.input)} in, {_usd(price.output)} out per MTok")
+    sys.stderr.write(f"{printable(price.model)}: {_usd(price.input)} in, {_usd(price.output)} out per MTok")
     sys.stderr.write(f" from {price.effective_from}\n")
 
 
@@ -78,6 +79,7 @@ def set_tool(
 ) -> None:
     from mcpmeter.prices import set_tool_price
     from mcpmeter.store import open_store, resolve_db
+    from mcpmeter.terminal import printable
     from mcpmeter.timeparse import parse_when
 
     when = parse_when(effective_from) if effective_from else None
@@ -86,7 +88,7 @@ def set_tool(
         price = set_tool_price(store, pattern, per_call, per_kb, when)
     finally:
         store.close()
-    sys.stderr.write(f"{price.pattern}: {_usd(price.per_call)} a call")
+    sys.stderr.write(f"{printable(price.pattern)}: {_usd(price.per_call)} a call")
     if price.per_kb:
         sys.stderr.write(f" + {_usd(price.per_kb)} per KB")
     sys.stderr.write(f" from {price.effective_from}\n")
@@ -97,11 +99,13 @@ def show(
     db: DbOption = None,
 ) -> None:
     from mcpmeter.errors import UsageError
+    from mcpmeter.outputs import writing_stdout
     from mcpmeter.prices import render_prices
 
     if format not in ("table", "json"):
         raise UsageError(f"unknown format {format!r}: use table or json")
-    render_prices(db, format, sys.stdout)
+    with writing_stdout():
+        render_prices(db, format, sys.stdout)
 
 
 def import_(

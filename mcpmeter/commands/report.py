@@ -75,7 +75,7 @@ def report(
     if ctx.invoked_subcommand is not None:
         return
     from mcpmeter import report as reports
-    from mcpmeter.outputs import atomic_output, guard_output
+    from mcpmeter.outputs import atomic_output, guard_output, writing_stdout
     from mcpmeter.store import open_store, resolve_db
 
     keys = reports.parse_by(by)
@@ -98,12 +98,13 @@ def report(
     finally:
         store.close()
     out = sys.stdout
-    if format == "json":
-        reports.write_json(result.rows, out)
-    elif format == "csv":
-        reports.write_csv((*keys, *reports.COLUMNS), result.rows, out)
-    else:
-        reports.write_table((*keys, *reports.COLUMNS), result.rows, out, notes=result.notes())
+    with writing_stdout():
+        if format == "json":
+            reports.write_json(result.rows, out)
+        elif format == "csv":
+            reports.write_csv((*keys, *reports.COLUMNS), result.rows, out)
+        else:
+            reports.write_table((*keys, *reports.COLUMNS), result.rows, out, notes=result.notes())
     if format != "table":  # stdout stays machine-readable; the counts still reach the reader
         for note in result.notes():
             sys.stderr.write(f"mcpmeter: {note}\n")
@@ -122,6 +123,7 @@ def invocations(
     top: TopOption = None,
 ) -> None:
     from mcpmeter import report as reports
+    from mcpmeter.outputs import writing_stdout
     from mcpmeter.store import open_store, resolve_db
 
     _check_format(format, reports.FORMATS)
@@ -135,14 +137,16 @@ def invocations(
         unpriced = reports.unpriced_llm_calls(store, where)
         notes = reports.notes(unmatched, unpriced)
         rows = reports.iter_invocations(store, where, top)  # streamed for json and csv
-        if format == "json":
-            reports.write_invocations_json(rows, unmatched, unpriced, out)
-        elif format == "csv":
-            reports.write_csv(columns, rows, out)
+        with writing_stdout():
+            if format == "json":
+                reports.write_invocations_json(rows, unmatched, unpriced, out)
+            elif format == "csv":
+                reports.write_csv(columns, rows, out)
+            else:
+                reports.write_table(columns, list(rows), out, notes=notes)
+        if format == "csv":
             for note in notes:
                 sys.stderr.write(f"mcpmeter: {note}\n")
-        else:
-            reports.write_table(columns, list(rows), out, notes=notes)
     finally:
         store.close()
 

@@ -80,22 +80,24 @@ def tail(
     location = resolve_db(db)
     store = open_store(location, create=False)
     try:
+        from mcpmeter.outputs import writing_stdout
         from mcpmeter.tail import Poller, describe_filters, run_screen, stream_json
 
         poller = Poller.starting(store, where, new_only=follow, follow=follow)
-        if json:
-            code = stream_json(poller, sys.stdout.buffer, follow=follow, interval=interval)
-        else:
-            from mcpmeter.tail_model import TailState
+        with writing_stdout():
+            if json:
+                code = stream_json(poller, sys.stdout.buffer, follow=follow, interval=interval)
+            else:
+                from mcpmeter.tail_model import TailState
 
-            code = run_screen(
-                poller,
-                TailState(group_by=by),
-                location=location,
-                filters=describe_filters(where),
-                follow=follow,
-                interval=interval,
-            )
+                code = run_screen(
+                    poller,
+                    TailState(group_by=by),
+                    location=location,
+                    filters=describe_filters(where),
+                    follow=follow,
+                    interval=interval,
+                )
     finally:
         store.close()
     if code:

@@ -49,7 +49,9 @@ def verify(
 ) -> None:
     from mcpmeter.integrity import Head, check_store
     from mcpmeter.log import warn
+    from mcpmeter.outputs import writing_stdout
     from mcpmeter.store import open_store, resolve_db
+    from mcpmeter.terminal import printable
     from mcpmeter.timeparse import parse_when
 
     checkpoint = Head.parse(head) if head is not None else None
@@ -61,18 +63,20 @@ def verify(
     finally:
         store.close()
     verdict = check.verdict
-    if check.failed:
-        sys.stdout.write("".join(f"{line}\n" for line in _failures(check)))
+    if check.failed:  # the lines quote stored hashes: whatever a tamperer wrote, escaped for the terminal
+        with writing_stdout():
+            sys.stdout.write("".join(f"{printable(line)}\n" for line in _failures(check)))
         raise typer.Exit(1)
     if check.gaps.total:
         warn(
             f"{check.gaps.describe()}: on Postgres a rolled-back write leaves such a gap, so it is "
             "not a failure (a --head checkpoint catches rows deleted from the end)"
         )
-    sys.stdout.write(_summary(verdict) + "\n")
+    with writing_stdout():
+        sys.stdout.write(_summary(verdict) + "\n")
     if verdict.last_id is not None and verdict.head is not None:
         # stderr: stdout keeps its one line (`ok: ...`) that scripts match
-        sys.stderr.write(f"head {verdict.last_id} {verdict.head}\n")
+        sys.stderr.write(f"head {verdict.last_id} {printable(verdict.head)}\n")
 
 
 def _failures(check: Check) -> list[str]:
@@ -130,6 +134,7 @@ def recover(
     ] = False,
 ) -> None:
     from mcpmeter.meters.spill import recover_spill
+    from mcpmeter.outputs import writing_stdout
     from mcpmeter.store import open_store, resolve_db
 
     store = open_store(resolve_db(db))
@@ -137,4 +142,5 @@ def recover(
         added = recover_spill(store, accept_unsigned=accept_unsigned)
     finally:
         store.close()
-    sys.stdout.write(f"recovered {added} rows\n")
+    with writing_stdout():
+        sys.stdout.write(f"recovered {added} rows\n")

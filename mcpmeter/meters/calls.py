@@ -10,6 +10,11 @@ in whatever order the threads get there: a response can be metered a moment befo
 request it answers. Such a response waits as an *orphan* until its request arrives (it
 pairs only if it was seen after the request, so a stale unknown id never does).
 
+One id may be in flight more than once (a client that reuses ids, or pipelines calls that
+share one): the requests of an id wait in arrival order, and its responses settle them
+first come, first served, as a server that answers in order does. A cancellation settles
+the oldest; a refusal by the proxy the newest (the one it was just asked about).
+
 Directions: ``c2s`` frames travel client -> server, ``s2c`` server -> client. A request is
 keyed by the direction it travelled and its id, so the client's id 1 and the server's id 1
 (a sampling request) never collide; a response travelling ``s2c`` settles the ``c2s``
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +33,7 @@ import msgspec
 
 from mcpmeter.meters.envelope import (
     UNSET,
+    Buffer,
     DecodeError,
     Error,
     Message,
@@ -36,9 +43,11 @@ from mcpmeter.meters.envelope import (
     arguments_of,
     decode_batch,
     decode_message,
+    read_batch,
+    read_envelope,
 )
 from mcpmeter.record import CallRecord
-from mcpmeter.redact import redacted_json
+from mcpmeter.redact import redacted_json, scrub_text
 from mcpmeter.tags import Tenant
 
 C2S = "c2s"
@@ -52,6 +61,9 @@ _REQUEST_ID_KEYS = ("dev.mcpmeter/requestId", "requestId", "request_id")
 _NAMED_METHODS = frozenset({"tools/call", "prompts/get"})
 _URI_METHODS = frozenset({"resources/read", "resources/subscribe", "resources/unsubscribe"})
 _MAX_ERROR_MESSAGE = 512
+#: An error text is scrubbed of credentials over this much of it before being cut (a DSN
+#: cut before its ``@`` would no longer look like one and leak the start of its password).
+_SCRUB_WINDOW = 4 * _MAX_ERROR_MESSAGE
 _HEX = frozenset("0123456789abcdef")
 _WHITESPACE = frozenset(b" \t\r\n")
 #: Responses metered before their request (or never claimed) kept at most.
@@ -157,7 +169,7 @@ class _Pending:
         self.args: str | None = None
 
 
-def frame_size(line: bytes | bytearray) -> int:
+def frame_size(line: Buffer) -> int:
     """Bytes of a frame on the wire, its line ending (``\\n`` or ``\\r\\n``) excluded."""
     n = len(line)
     if n and line[n - 1] == 0x0D:
@@ -217,13 +229,26 @@ def request_id_of(meta: dict[str, Any]) -> str | None:
     return baggage_member(meta.get("baggage"), "request_id")
 
 
-def _first_byte(line: bytes | bytearray) -> int | None:
+def _first_byte(line: Buffer) -> int | None:
     """The first byte that is not JSON whitespace, or None for a blank frame."""
     for i in range(len(line)):
         byte = line[i]
         if byte not in _WHITESPACE:
             return byte
     return None
+
+
+def _seen(p: _Pending) -> float:
+    return p.seen
+
+
+def _read_deep(frame: Buffer) -> Message | None:
+    """The envelope of a frame nested too deeply for msgspec, read without recursing; None
+    when even that cannot be read (then it counts as not JSON, like any junk line)."""
+    try:
+        return read_envelope(frame)[0]
+    except (DecodeError, UnicodeDecodeError):
+        return None
 
 
 def _valid_code(code: object) -> bool:
@@ -262,7 +287,7 @@ class CallMeter:
         self._sink = sink
         #: ``wrap --record-args``: keep a redacted copy of tools/call and prompts/get arguments.
         self._record_args = record_args
-        self._frame: bytes | bytearray = b""
+        self._frame: Buffer = b""
         self._project_id = tenant.project_id
         self._agent_id = tenant.agent_id
         self._session_id = tenant.session_id
@@ -270,8 +295,13 @@ class CallMeter:
         self._transport = transport
         self._upstream = upstream
         self._default_server = default_server
+        #: The oldest unanswered request of each (direction, id): what its next response settles.
         self._pending: dict[tuple[str, object], _Pending] = {}
-        self._orphans: dict[tuple[str, object], tuple[float, int, Message]] = {}
+        #: The later requests of an id already pending, oldest first (empty in the usual case).
+        self._later: dict[tuple[str, object], deque[_Pending]] = {}
+        #: Responses waiting for their request, oldest first per key; ``_orphan_count`` in all.
+        self._orphans: dict[tuple[str, object], deque[tuple[float, int, Message]]] = {}
+        self._orphan_count = 0
         # Wall time of a frame = wall time at start + monotonic time elapsed since.
         self._wall0 = wall_clock()
         self._mono0 = mono_clock()
@@ -282,7 +312,7 @@ class CallMeter:
 
     # -- the entry point -------------------------------------------------------------------
 
-    def on_frame(self, direction: str, line: bytes | bytearray, seen: float) -> None:
+    def on_frame(self, direction: str, line: Buffer, seen: float) -> None:
         """One complete frame (without its ``\\n``) seen travelling ``direction`` at ``seen``."""
         stats = self.stats
         stats.frames += 1
@@ -301,13 +331,26 @@ class CallMeter:
             except (DecodeError, UnicodeDecodeError):  # invalid UTF-8 is not JSON either
                 stats.not_json += 1
                 return
+            except RecursionError:  # nested too deeply for msgspec: the bounded reader
+                deep = _read_deep(line)
+                if deep is None:
+                    stats.not_json += 1
+                    return
+                message = deep
             self._on_message(direction, message, size, seen)
         elif first == 0x5B:  # "[": a JSON-RPC batch, each member metered with its own bytes
+            members: list[msgspec.Raw] | list[memoryview]
             try:
                 members = decode_batch(line)
             except (DecodeError, ValidationError, UnicodeDecodeError):
                 stats.not_json += 1
                 return
+            except RecursionError:
+                try:
+                    members = read_batch(line)
+                except DecodeError:
+                    stats.not_json += 1
+                    return
             if not members:
                 stats.not_jsonrpc += 1
             for raw in members:
@@ -316,6 +359,12 @@ class CallMeter:
                 except (DecodeError, ValidationError, UnicodeDecodeError):
                     stats.not_jsonrpc += 1
                     continue
+                except RecursionError:
+                    deep = _read_deep(raw)
+                    if deep is None:
+                        stats.not_jsonrpc += 1
+                        continue
+                    member = deep
                 if self._record_args:
                     self._frame = bytes(raw)
                 self._on_message(direction, member, len(raw), seen)
@@ -332,16 +381,22 @@ class CallMeter:
 
     def close(self) -> None:
         """The stream ended: every request still waiting becomes a ``no_response`` row."""
-        pending = self._pending
+        waiting = list(self._pending.values())
+        for later in self._later.values():
+            waiting.extend(later)
         self._pending = {}
-        for p in pending.values():
+        self._later = {}
+        if len(waiting) > 1:
+            waiting.sort(key=_seen)  # in the order they were seen (a stable sort)
+        for p in waiting:
             self._emit(p, None, None, "no_response", None, None)
-        self.stats.unmatched_responses += len(self._orphans)
+        self.stats.unmatched_responses += self._orphan_count
         self._orphans.clear()
+        self._orphan_count = 0
 
     @property
     def pending_count(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + sum(len(later) for later in self._later.values())
 
     # -- message kinds ---------------------------------------------------------------------
 
@@ -372,7 +427,10 @@ class CallMeter:
             if method in _NAMED_METHODS:
                 p.tool = _text(params.name)
                 if self._record_args:
-                    p.args = redacted_json(arguments_of(self._frame))
+                    try:
+                        p.args = redacted_json(arguments_of(self._frame))
+                    except RecursionError:  # too deeply nested to copy: the row goes without
+                        p.args = None
             elif method in _URI_METHODS:
                 p.tool = _text(params.uri)
             elif method == "initialize" and direction == C2S:
@@ -380,18 +438,57 @@ class CallMeter:
             if isinstance(params.meta, dict):
                 self._read_request_meta(params.meta, p)
         key = (direction, rpc_id)
-        if key in self._pending:
-            # The same id reused before its response: settle the older one as unanswered.
+        if self._orphans:
+            orphan = self._claim_orphan(key, seen)
+            if orphan is not None:
+                # Its response was metered first (the other direction's thread won the race).
+                self._settle(p, orphan[2], orphan[1], orphan[0])
+                return
+        pending = self._pending
+        if key in pending:
+            # The same id again before its earlier request was answered: it waits its turn.
             self.stats.duplicate_ids += 1
-            self._emit(self._pending.pop(key), None, None, "no_response", None, None)
-        orphan = self._orphans.pop(key, None) if self._orphans else None
-        if orphan is not None and orphan[0] >= seen:
-            # Its response was metered first (the other direction's thread won the race).
-            self._settle(p, orphan[2], orphan[1], orphan[0])
+            later = self._later.get(key)
+            if later is None:
+                self._later[key] = deque((p,))
+            else:
+                later.append(p)
             return
-        if orphan is not None:
+        pending[key] = p
+
+    def _claim_orphan(self, key: tuple[str, object], seen: float) -> tuple[float, int, Message] | None:
+        """The oldest response to ``key`` metered before a request seen at ``seen``, if any.
+
+        Responses older than the request cannot answer it: they are dropped as unmatched.
+        """
+        orphans = self._orphans.get(key)
+        if orphans is None:
+            return None
+        claimed = None
+        while orphans:
+            orphan = orphans.popleft()
+            self._orphan_count -= 1
+            if orphan[0] >= seen:
+                claimed = orphan
+                break
             self.stats.unmatched_responses += 1  # a stale response, older than this request
-        self._pending[key] = p
+        if not orphans:
+            del self._orphans[key]
+        return claimed
+
+    def _next(self, key: tuple[str, object]) -> _Pending | None:
+        """Take the oldest request waiting for ``key``; the next in line takes its place."""
+        p = self._pending.pop(key, None)
+        if p is not None and self._later:
+            self._promote(key)
+        return p
+
+    def _promote(self, key: tuple[str, object]) -> None:
+        later = self._later.get(key)
+        if later:
+            self._pending[key] = later.popleft()
+            if not later:
+                del self._later[key]
 
     def _on_initialize_request(self, params: Params, p: _Pending) -> None:
         info = params.clientInfo
@@ -425,7 +522,7 @@ class CallMeter:
         rpc_id = params.requestId
         if not _valid_id(rpc_id):
             return
-        p = self._pending.pop((direction, rpc_id), None)
+        p = self._next((direction, rpc_id))
         if p is not None:
             self._emit(p, None, None, "cancelled", None, None)
 
@@ -436,16 +533,31 @@ class CallMeter:
             self.stats.unmatched_responses += 1
             return
         key = (_OPPOSITE[direction], rpc_id)
-        p = self._pending.pop(key, None)
+        p = self._pending.pop(key, None)  # _next(), inlined for the usual case
         if p is None:
             # Unknown id, or a response metered before its request (the two directions run
             # in two threads): keep it briefly for the request to claim.
-            if len(self._orphans) >= _MAX_ORPHANS:
-                self._orphans.pop(next(iter(self._orphans)))
-                self.stats.unmatched_responses += 1
-            self._orphans[key] = (seen, size, msg)
+            self._keep_orphan(key, (seen, size, msg))
             return
+        if self._later:
+            self._promote(key)
         self._settle(p, msg, size, seen)
+
+    def _keep_orphan(self, key: tuple[str, object], orphan: tuple[float, int, Message]) -> None:
+        if self._orphan_count >= _MAX_ORPHANS:  # drop the oldest key's oldest response
+            oldest_key = next(iter(self._orphans))
+            oldest = self._orphans[oldest_key]
+            oldest.popleft()
+            if not oldest:
+                del self._orphans[oldest_key]
+            self._orphan_count -= 1
+            self.stats.unmatched_responses += 1
+        orphans = self._orphans.get(key)
+        if orphans is None:
+            self._orphans[key] = deque((orphan,))
+        else:
+            orphans.append(orphan)
+        self._orphan_count += 1
 
     def _settle(self, p: _Pending, msg: Message, size: int, seen: float) -> None:
         latency_ms = (seen - p.seen) * 1000.0
@@ -455,7 +567,8 @@ class CallMeter:
             if isinstance(error, Error):
                 code = error.code if _valid_code(error.code) else None
                 text = error.message
-                message = text[:_MAX_ERROR_MESSAGE] if isinstance(text, str) else None
+                if isinstance(text, str):
+                    message = scrub_text(text[:_SCRUB_WINDOW])[:_MAX_ERROR_MESSAGE]
             self._emit(p, latency_ms, size, "error", code, message)
             return
         result = msg.result
@@ -474,8 +587,21 @@ class CallMeter:
         self._emit(p, latency_ms, size, status, None, None)
 
     def on_refused(self, direction: str, rpc_id: object, answer_bytes: int, seen: float) -> None:
-        """The proxy answered request ``rpc_id`` itself (a budget or the loop guard)."""
-        p = self._pending.pop((direction, rpc_id), None) if _valid_id(rpc_id) else None
+        """The proxy answered request ``rpc_id`` itself (a budget or the loop guard).
+
+        The refused request is the newest with that id: the caller meters each request
+        before it asks about it, and reports a refusal before metering the next frame.
+        """
+        if not _valid_id(rpc_id):
+            return
+        key = (direction, rpc_id)
+        later = self._later.get(key) if self._later else None
+        if later:
+            p: _Pending | None = later.pop()
+            if not later:
+                del self._later[key]
+        else:
+            p = self._pending.pop(key, None)
         if p is not None:
             self._emit(p, (seen - p.seen) * 1000.0, answer_bytes, "rejected", None, None)
 
@@ -499,6 +625,15 @@ class CallMeter:
     ) -> None:
         if p.traceparent is not None and traceparents is not None:  # for the OTLP exporter
             traceparents[(self._session_id, p.direction, p.jsonrpc_id, p.ts)] = p.traceparent
+        tool = p.tool
+        uri = tool is not None and p.method in _URI_METHODS
+        if uri or error_message is not None:
+            # A resource URI and a server's error text are recorded whatever the options and
+            # may carry credentials (a DSN's password, a presigned URL's signature).
+            if uri and tool is not None:
+                tool = scrub_text(tool)
+            if error_message is not None:
+                error_message = scrub_text(error_message)
         peers = self.peers
         self._sink(
             _new_record(
@@ -515,7 +650,7 @@ class CallMeter:
                     self._upstream,
                     p.direction,
                     p.method,
-                    p.tool,
+                    tool,
                     p.jsonrpc_id,
                     p.request_id,
                     p.trace_id,

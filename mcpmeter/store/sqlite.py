@@ -3,6 +3,18 @@
 Many ``wrap`` processes may write the same file at once: each writes whole batches inside
 ``BEGIN IMMEDIATE`` (one writer at a time, the others wait up to ``busy_timeout``), and
 readers (``export``, ``tail``) never block them thanks to WAL.
+
+The path must name a regular file (or, to create one, a new name in a directory): a device
+such as ``/dev/null``, a directory or a pipe is refused before SQLite creates anything beside
+it, and so are SQLite's URI (``file:...``) and ``:memory:`` names.
+
+Read commands (``create=False``) open the store read-write when they can write its file and
+directory, so an older schema is migrated. When they cannot (a read-only filesystem or
+mount, a directory of someone else's), the store opens read-only instead: ``mode=ro``,
+which reads the write-ahead log through its existing ``-shm`` file, and, when that cannot
+open (no ``-shm`` and no right to create one), ``immutable=1``, which reads the main file
+without locks or the log. Nothing is created, switched to WAL or migrated then; a store
+whose schema needs a migration cannot be read that way and says so.
 """
 
 from __future__ import annotations
@@ -10,13 +22,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sqlite3
+import stat
 import time
+import urllib.parse
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mcpmeter.chain import CHAIN_COLUMNS, GENESIS, chained
-from mcpmeter.errors import StoreError
+from mcpmeter.errors import StoreError, UsageError
+from mcpmeter.log import warn
 from mcpmeter.record import COLUMNS, INSERT_COLUMNS, CallRecord, iso_utc
 from mcpmeter.store.base import BatchMark, CallFilter, forget_writer, loadable, record_mark
 from mcpmeter.store.migrations import MIGRATIONS
@@ -37,9 +52,16 @@ class SQLiteStore:
 
     def __init__(self, path: str, *, create: bool = True, busy_timeout: float = BUSY_TIMEOUT_S) -> None:
         self.location = path
+        #: True when opened read-only (see the module doc): every write fails.
+        self.read_only = False
         file = Path(path)
-        if not create and not file.exists():
+        exists = check_store_path(path)
+        if not create and not exists:
             raise StoreError(f"no store at {path} (nothing recorded yet? set --db or MCPMETER_DB)")
+        if not create and not _writable(file):
+            self._db = _open_read_only(path, busy_timeout)
+            self.read_only = True
+            return
         try:
             if create:
                 _create_private(file)
@@ -75,11 +97,7 @@ class SQLiteStore:
 
     def _schema_is_current(self) -> bool:
         """Whether every migration is applied (a plain read: readers never take the write lock)."""
-        try:
-            applied = {row[0] for row in self._db.execute("SELECT version FROM schema_version")}
-        except sqlite3.OperationalError:  # no schema_version yet
-            return False
-        return all(m.version in applied for m in MIGRATIONS)
+        return _schema_is_current(self._db)
 
     def _migrate(self) -> None:
         if self._schema_is_current():
@@ -221,6 +239,86 @@ class SQLiteStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def check_store_path(path: str) -> bool:
+    """Refuse a location that cannot be a store file (:class:`UsageError`); whether it exists.
+
+    Checked before SQLite opens anything: given ``/dev/null`` it would create
+    ``/dev/null-journal``, given ``file:x?mode=memory`` (without URI parsing) a directory
+    ``file:``.
+    """
+    if path.startswith("file:"):
+        raise UsageError(f"store {path}: SQLite URI filenames are not supported; give the store's file path")
+    if path in ("", ":memory:"):
+        raise UsageError(
+            f"store {path or '(empty)'}: an in-memory database cannot be a store; give a file path"
+        )
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise StoreError(f"cannot open store {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(mode):
+        kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise UsageError(f"store {path} is {kind}: give the path of a store file (or of a new one)")
+    return True
+
+
+def _writable(file: Path) -> bool:
+    """Whether this process may write the store's file and create files beside it."""
+    return os.access(file, os.W_OK) and os.access(file.parent, os.W_OK | os.X_OK)
+
+
+def _schema_is_current(db: sqlite3.Connection) -> bool:
+    try:
+        applied = {row[0] for row in db.execute("SELECT version FROM schema_version")}
+    except sqlite3.OperationalError:  # no schema_version yet
+        return False
+    return all(m.version in applied for m in MIGRATIONS)
+
+
+def _open_read_only(path: str, busy_timeout: float) -> sqlite3.Connection:
+    """A read-only connection to the store at ``path`` (see the module doc), schema checked."""
+    uri = "file:" + urllib.parse.quote(os.path.abspath(path)) + "?mode=ro"
+    problem: sqlite3.Error | None = None
+    for suffix in ("", "&immutable=1"):
+        try:
+            db = sqlite3.connect(
+                uri + suffix, uri=True, timeout=busy_timeout, isolation_level=None, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            problem = exc
+            continue
+        try:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # where a missing -shm shows
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if exc.sqlite_errorcode & 0xFF not in (sqlite3.SQLITE_CANTOPEN, sqlite3.SQLITE_READONLY):
+                raise StoreError(f"cannot read store {path}: {exc}") from None
+            problem = exc
+            continue
+        if not _schema_is_current(db):
+            db.close()
+            raise StoreError(
+                f"store {path} is read-only here and its schema is not this mcpmeter's (an older"
+                " store, or not a store): open it once where it can be written, to bring it up to date"
+            )
+        if suffix and _wal_bytes(path):
+            warn(
+                f"reading store {path} without its write-ahead log ({path}-wal cannot be read"
+                " here without a -shm file): rows not yet checkpointed are not shown"
+            )
+        return db
+    raise StoreError(f"cannot open store {path} read-only: {problem}")
+
+
+def _wal_bytes(path: str) -> int:
+    try:
+        return os.stat(f"{path}-wal").st_size
+    except OSError:
+        return 0
 
 
 def _create_private(file: Path) -> None:

@@ -34,6 +34,8 @@ class ChildServer:
     def __init__(self, argv: Sequence[str], deliver: Deliver, *, kill_after: float = 5.0) -> None:
         self.argv = list(argv)
         self.closed = anyio.Event()
+        #: Set once the server has written its first output (it is up), or has closed it.
+        self.spoke = anyio.Event()
         self._deliver = deliver
         self._kill_after = kill_after
         self._proc: asyncio.subprocess.Process | None = None
@@ -82,6 +84,7 @@ class ChildServer:
             while True:
                 chunk = await proc.stdout.read(CHUNK)
                 seen = time.perf_counter()
+                self.spoke.set()
                 if not chunk:
                     splitter.finish(seen)
                 else:
@@ -92,7 +95,13 @@ class ChildServer:
                 if not chunk:
                     break
         finally:
+            self.spoke.set()
             self.closed.set()
+
+    async def wait(self) -> None:
+        """Until the server process has exited (at once if it never started)."""
+        if self._proc is not None:
+            await self._proc.wait()
 
     def signal(self, sig: int) -> None:
         """``sig`` to the server's process group (or to the server alone if it left it)."""

@@ -75,22 +75,46 @@ from mcpmeter.shutdown import Signals
 from mcpmeter.tags import Tenant, new_session_id
 from mcpmeter.transports.child import ChildServer
 from mcpmeter.transports.http_client import HttpUpstream, new_client
+from mcpmeter.transports.limits import (
+    ADMIT_WAIT_S,
+    RETRY_S,
+    STARTING,
+    STARTING_HOLD_S,
+    STARTING_WAIT_S,
+    BodyTooLarge,
+    BoundedReceive,
+    ListenLimits,
+    Notices,
+    Refused,
+    SessionRate,
+    Slots,
+    content_length,
+)
 from mcpmeter.transports.mux import Mux
 from mcpmeter.transports.rpc import (
     HEADER_MISMATCH,
+    INVALID_REQUEST,
+    MAX_DEPTH,
     NAME_PARAMS,
+    PARSE_ERROR,
     REQUEST,
     RESPONSE,
     UPSTREAM_ERROR,
     Head,
+    body_problem,
     cancelled_frame,
     decode_header_value,
     encode_id,
     error_frame,
+    frame_members,
     heads,
     id_key,
     is_batch,
+    is_message,
     is_modern,
+    join_batch,
+    raw_ids,
+    too_deep,
 )
 from mcpmeter.transports.sse import encode_event
 from mcpmeter.transports.upstream import Deliver, Upstream, UpstreamError, meter_frame
@@ -113,12 +137,22 @@ SESSION_IDLE_S = 30 * 60.0
 BACKLOG = 1024
 #: Events queued for one SSE stream before the server's output waits for the client.
 STREAM_BUFFER = 1024
+#: How long the members of a batch wait for the server (``--batch-timeout``). Servers of
+#: the 2025-06-18 revision on may drop a batch without a word; after this, mcpmeter answers
+#: each member still unanswered with a -32000 error and tells the server it gave up.
+BATCH_TIMEOUT_S = 60.0
+#: Ids a session keeps reserved after their POST stopped waiting (timed out, client gone)
+#: while the server may still answer them: reused too soon, a late answer would go to the
+#: new request. The oldest is released past this many.
+STALE_IDS = 1024
 SWITCH_INTERVAL_S = 0.0002
 
 #: The HTTP status of a 2026-07-28 answer that is a JSON-RPC error with this code.
 _ERROR_STATUS = {-32700: 400, -32600: 400, -32602: 400, -32601: 404, -32020: 400, -32021: 400, -32022: 400}
 _ROUTING_HEADERS = (b"mcp-protocol-version", b"mcp-method", b"mcp-name")
 _LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1", "::1"})
+#: mcpmeter's answer to a batch member (or a body) that is not a JSON-RPC message.
+_NOT_A_MESSAGE = "mcpmeter: Invalid Request: not a JSON-RPC message"
 
 
 class ListenOptions(NamedTuple):
@@ -143,6 +177,10 @@ class ListenOptions(NamedTuple):
     max_repeat: int | None = None
     reject_as: str = "tool-error"
     alert_webhook: str | None = None
+    #: ``--batch-timeout``: how long a batch's members wait for the server's answers.
+    batch_timeout: float = BATCH_TIMEOUT_S
+    #: ``--max-sessions``, ``--max-body``, ``--header-timeout`` ... (see transports/limits.py).
+    limits: ListenLimits = ListenLimits()
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -220,15 +258,36 @@ class ClientGone(Exception):
 
 
 async def read_body(receive: Receive) -> bytes:
-    """The whole request body, however large (no size cap)."""
-    chunks: list[bytes] = []
-    while True:
+    """The whole request body; BodyTooLarge as soon as it passes ``--max-body``.
+
+    The limit comes with ``receive`` (a :class:`BoundedReceive`, made by
+    :meth:`Gateway.__call__`). A body that arrives in one piece is returned as it came;
+    a longer one is gathered in one bytearray that grows with what actually arrived (never
+    sized from ``Content-Length`` alone, which a client may announce and not send), and
+    nothing past the limit is kept: memory stays near the body's size (twice it at the
+    final copy into bytes).
+    """
+    limit = receive.limit if isinstance(receive, BoundedReceive) else None
+    message = await receive()
+    if message["type"] == "http.disconnect":
+        raise ClientGone
+    chunk: bytes = message.get("body", b"")
+    more: bool = message.get("more_body", False)
+    if limit is not None and len(chunk) > limit:
+        raise BodyTooLarge(limit, len(chunk))
+    if not more:
+        return chunk
+    buffer = bytearray(chunk)
+    while more:
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        chunk = message.get("body", b"")
+        more = message.get("more_body", False)
+        if limit is not None and len(buffer) + len(chunk) > limit:
+            raise BodyTooLarge(limit, None if more else len(buffer) + len(chunk))
+        buffer += chunk
+    return bytes(buffer)
 
 
 async def respond(
@@ -301,32 +360,103 @@ class EventStream:
 # -- sessions ---------------------------------------------------------------------------------
 
 
-class Waiter:
-    """A POST waiting for the answers to its requests (and anything sent its way first)."""
+class Admission(NamedTuple):
+    """What becomes of one POST's body in its session (see :meth:`Session.admit`)."""
 
-    def __init__(self, requests: list[Head]) -> None:
+    #: What goes to the server: the body, or a batch of the members admitted; None: nothing.
+    frame: bytes | None
+    #: The requests in ``frame``, whose answers the POST waits for.
+    requests: list[Head]
+    #: mcpmeter's own answers: an error per batch member that is not a JSON-RPC message,
+    #: and per request whose id is already in flight in the session. Never forwarded.
+    own: list[bytes]
+    batch: bool
+
+    def answer(self) -> bytes:
+        """mcpmeter's own answers as one body: the batch of them, or the one error."""
+        return join_batch(self.own) if self.batch else self.own[0]
+
+
+class Waiter:
+    """A POST waiting for the answers to its requests (and anything sent its way first).
+
+    ``frame`` is what was forwarded, read again only when mcpmeter must answer for the
+    server (the exact bytes of each id). ``own`` are the answers mcpmeter gives itself,
+    added to the server's. A waiter of the HTTP+SSE transport (``queue=False``) only
+    tracks which ids are still in flight: its answers travel on the session's stream.
+
+    Items wait in a deque, not a memory stream, so a reader cancelled at its deadline (or
+    by a disconnect) never loses one that arrived in the same instant.
+    """
+
+    def __init__(
+        self,
+        requests: list[Head],
+        frame: bytes,
+        own: Sequence[bytes] = (),
+        *,
+        batch: bool = False,
+        queue: bool = True,
+    ) -> None:
         self.requests = requests
-        self.pending: set[IdKey] = {id_key(h.id) for h in requests}
+        self.frame = frame
+        self.own = list(own)
+        self.batch = batch
+        self.keys = [id_key(h.id) for h in requests]
+        self.pending: set[IdKey] = set(self.keys)
         self.tokens: set[IdKey] = {id_key(h.progress_token) for h in requests if h.progress_token is not None}
-        self._send, self._receive = anyio.create_memory_object_stream[tuple[bytes, bool] | str](math.inf)
+        #: Set once nothing more is awaited: every request answered, or :meth:`fail`.
+        self.done = anyio.Event()
+        self._queue = queue
+        self._items: deque[tuple[bytes, bool] | str] = deque()
+        self._wake = anyio.Event()
+        self._closed = False
+
+    def _push(self, item: tuple[bytes, bool] | str) -> None:
+        if self._queue and not self._closed:
+            self._items.append(item)
+            self._wake.set()
 
     def put(self, frame: bytes, answered: list[IdKey]) -> None:
         for key in answered:
             self.pending.discard(key)
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._send.send_nowait((frame, not self.pending))
+        if not self.pending:
+            self.done.set()
+        self._push((frame, not self.pending))
 
     def fail(self, reason: str) -> None:
         """No more answers will come, for ``reason``."""
-        with contextlib.suppress(anyio.ClosedResourceError, anyio.BrokenResourceError):
-            self._send.send_nowait(reason)
+        self.done.set()
+        self._push(reason)
 
     async def next(self) -> tuple[bytes, bool] | str:
-        return await self._receive.receive()
+        """The next frame (and whether it completes the answers), or why none will come."""
+        while not self._items:
+            self._wake = anyio.Event()
+            await self._wake.wait()
+        return self._items.popleft()
 
     def close(self) -> None:
-        self._send.close()
-        self._receive.close()
+        self._closed = True
+        self._items.clear()
+
+    def unanswered(self) -> list[bytes]:
+        """The exact id bytes of the requests still unanswered, in the order they were sent."""
+        if not self.pending:
+            return []
+        ids = raw_ids(self.frame)
+        return [ids.get(key) or encode_id(key[1]) for key in self.keys if key in self.pending]
+
+    def with_own(self, frame: bytes) -> bytes:
+        """The server's answer ``frame`` with mcpmeter's own answers added (one batch)."""
+        return join_batch([frame, *self.own]) if self.own else frame
+
+    def closing(self, errors: list[bytes]) -> bytes:
+        """mcpmeter's own answers and ``errors`` as the last body or event of this POST."""
+        frames = self.own + errors
+        if not self.batch and len(frames) == 1:
+            return frames[0]
+        return join_batch(frames)
 
 
 class Session:
@@ -353,6 +483,8 @@ class Session:
         self.gate = gate_for(tenant, self._server_name)
         self.hints: dict[str, str] = {}  # jsonrpc_id -> X-Request-Id
         self.waiters: dict[IdKey, Waiter] = {}
+        #: Ids whose POST stopped waiting before the server answered (insertion-ordered set).
+        self.stale: dict[IdKey, None] = {}
         self.get_stream: EventStream | None = None
         self.legacy_stream: EventStream | None = None
         self.backlog: deque[bytes] = deque(maxlen=BACKLOG)
@@ -415,17 +547,16 @@ class Session:
         meter_frame(self.meter, S2C, frame, seen)
         self.last_used = time.monotonic()
         if self.legacy_stream is not None:
+            if self.waiters or self.stale:
+                hs = heads(frame)
+                if hs and all(h.kind == RESPONSE for h in hs):
+                    self._answered(frame, hs)
             await self.legacy_stream.push(frame)
             return
         hs = heads(frame)
         if hs and all(h.kind == RESPONSE for h in hs):
-            keys = [id_key(h.id) for h in hs]
-            waiter = next((self.waiters[k] for k in keys if k in self.waiters), None)
-            for key in keys:
-                self.waiters.pop(key, None)
-            if waiter is not None:
-                waiter.put(frame, keys)
-            return  # else its client went away; the row is written all the same
+            self._answered(frame, hs)
+            return
         target: Waiter | None = None
         for head in hs:
             if head.method == "notifications/progress" and head.progress_token is not None:
@@ -440,16 +571,82 @@ class Session:
         elif not self.modern:
             self.backlog.append(frame)
 
-    def wait_for(self, requests: list[Head]) -> Waiter:
-        waiter = Waiter(requests)
+    def _answered(self, frame: bytes, hs: list[Head]) -> None:
+        """Server answers: to the POST waiting for them. With none (its client went away,
+        or mcpmeter answered for the server when it timed out) the frame goes nowhere; the
+        rows are written all the same, and each id is free for the client to use again."""
+        keys = [id_key(h.id) for h in hs]
+        waiter = next((self.waiters[k] for k in keys if k in self.waiters), None)
+        for key in keys:
+            self.waiters.pop(key, None)
+            if self.stale:
+                self.stale.pop(key, None)
+        if waiter is not None:
+            waiter.put(frame, keys)
+
+    def in_flight(self, key: IdKey) -> bool:
+        """Whether the server may still answer a request of this session with this id."""
+        return key in self.waiters or key in self.stale
+
+    def admit(self, body: bytes, hs: list[Head]) -> Admission:
+        """Sort a POST's messages: what goes to the server, what mcpmeter answers itself.
+
+        A request whose id is already in flight in this session is answered with a -32600
+        error and not forwarded: the server would see one id twice, and one answer would
+        reach the wrong POST (or neither would). So is a batch member that is not a JSON-RPC
+        message. The common case (no such member) costs one set lookup per request.
+        Call :meth:`wait_for` with no ``await`` in between, so a concurrent POST of the
+        same id sees this one.
+        """
+        batch = is_batch(body)
+        requests = [h for h in hs if h.kind == REQUEST]
+        keys = {id_key(h.id) for h in requests}
+        clean = len(keys) == len(requests) and all(is_message(h) for h in hs)
+        if clean and not any(self.in_flight(key) for key in keys):
+            return Admission(body, requests, [], batch)
+        kept: list[bytes] = []
+        admitted: list[Head] = []
+        own: list[bytes] = []
+        seen: set[IdKey] = set()
+        for member in frame_members(body):
+            head = member.head
+            if not is_message(head):
+                own.append(error_frame(member.raw_id, _NOT_A_MESSAGE, INVALID_REQUEST))
+                continue
+            if head.kind == REQUEST:
+                key = id_key(head.id)
+                if key in seen or self.in_flight(key):
+                    shown = member.raw_id.decode(errors="replace")
+                    why = f"mcpmeter: Invalid Request: id {shown} is already in flight in this session"
+                    own.append(error_frame(member.raw_id, why, INVALID_REQUEST))
+                    continue
+                seen.add(key)
+                admitted.append(head)
+            kept.append(member.raw)
+        if not kept:
+            return Admission(None, [], own, batch)
+        return Admission(join_batch(kept) if batch else body, admitted, own, batch)
+
+    def wait_for(self, admission: Admission, *, queue: bool = True) -> Waiter:
+        """Register the POST of ``admission`` as where the answers to its requests go."""
+        assert admission.frame is not None
+        waiter = Waiter(
+            admission.requests, admission.frame, admission.own, batch=admission.batch, queue=queue
+        )
         for key in waiter.pending:
             self.waiters[key] = waiter
         return waiter
 
-    def forget(self, waiter: Waiter) -> None:
-        for key in waiter.pending:
+    def forget(self, waiter: Waiter, *, sent: bool = True) -> None:
+        """The POST of ``waiter`` stops waiting. The ids of requests it ``sent`` that are
+        still unanswered stay reserved (see :data:`STALE_IDS`): the server may answer yet."""
+        for key in waiter.keys:
             if self.waiters.get(key) is waiter:
                 del self.waiters[key]
+                if sent and not self.closed:
+                    self.stale[key] = None
+        while len(self.stale) > STALE_IDS:
+            del self.stale[next(iter(self.stale))]
         waiter.close()
 
     async def close(self, reason: str = "the server has exited") -> None:
@@ -511,6 +708,16 @@ class Gateway:
         self._origins = tuple(o.strip().rstrip("/").lower() for o in options.allow_origins)
         #: Without a token, a loopback bind is only safe if the Host names it (DNS rebinding).
         self._check_host = self._token is None and is_loopback(options.host)
+        self.limits = limits = options.limits
+        self.notices = Notices()
+        self.session_rate = SessionRate(limits.session_rate, limits.session_burst)
+        #: Each handshake-era session has a server process of its own (``-- CMD``, not shared).
+        self._own_servers = options.argv is not None and not options.shared_server
+        #: Those processes, counted from their spawn to their exit (a closed session's may linger).
+        self.servers = Slots(limits.max_servers)
+        #: Those still starting (spawned, not yet heard from): a few at a time.
+        self.starting = Slots(STARTING)
+        self._opening = 0  # sessions admitted and still starting
 
     # -- upstreams -------------------------------------------------------------------------
 
@@ -554,13 +761,123 @@ class Gateway:
     async def new_session(
         self, headers: Mapping[str, str], transport: str, *, legacy: bool = False
     ) -> Session:
-        sid = new_session_id()
-        session = Session(self, sid, self.tenant_for(headers, sid), transport, modern=False)
-        if legacy:
-            session.legacy_stream = EventStream()
-        await session.start()
+        """A handshake-era session, once the caps let it in (Refused otherwise)."""
+        own_server = await self._admit()
+        turn = False
+        try:
+            if own_server:
+                await self._turn_to_start()
+                turn = True
+            sid = new_session_id()
+            session = Session(self, sid, self.tenant_for(headers, sid), transport, modern=False)
+            if legacy:
+                session.legacy_stream = EventStream()
+            await session.start()
+        except BaseException:
+            if turn:
+                self.starting.give()
+            if own_server:
+                self.servers.give()
+            raise
+        finally:
+            self._opening -= 1
+        if own_server:
+            self.tg.start_soon(self._server_slot, session.upstream)
         self.sessions[sid] = session
         return session
+
+    async def _admit(self) -> bool:
+        """Room for one more session under ``--max-sessions`` and ``--max-servers``, closing
+        idle sessions for it if need be; Refused (503) when there is none. Counts the session
+        as opening; True when it also took a server slot."""
+        limits = self.limits
+        deadline = time.monotonic() + ADMIT_WAIT_S
+        while True:
+            if len(self.sessions) + self._opening >= limits.max_sessions:
+                if not self._evict_idle():
+                    raise Refused(
+                        503,
+                        "sessions",
+                        f"refused a new session: {limits.max_sessions} are open (--max-sessions)",
+                        RETRY_S,
+                    )
+                continue
+            if self._own_servers and self.servers.full:
+                # Processes of closed sessions still exiting free their slots soon; else close one.
+                exiting = self.servers.used - len(self.sessions) - self._opening
+                left = deadline - time.monotonic()
+                if (exiting > 0 or self._evict_idle()) and left > 0:
+                    with anyio.move_on_after(left) as waited:
+                        await self.servers.freed()
+                    if not waited.cancelled_caught:
+                        continue
+                raise Refused(
+                    503,
+                    "servers",
+                    f"refused a new session: {limits.max_servers} server processes are running "
+                    "(--max-servers)",
+                    RETRY_S,
+                )
+            break
+        self._opening += 1
+        if self._own_servers:
+            self.servers.take()
+        return self._own_servers
+
+    def _evict_idle(self) -> bool:
+        """Close the least recently used session idle for ``--evict-idle`` seconds (nothing
+        in flight, no stream open); False when there is none."""
+        after = self.limits.evict_idle
+        if after <= 0:
+            return False
+        now = time.monotonic()
+        victim: Session | None = None
+        for session in self.sessions.values():
+            if session.busy or session.waiters or session.get_stream or session.legacy_stream:
+                continue
+            if now - session.last_used >= after and (victim is None or session.last_used < victim.last_used):
+                victim = session
+        if victim is None:
+            return False
+        del self.sessions[victim.id]  # its place is free now; its close goes on in the background
+        self.tg.start_soon(self.close_session, victim, "the session was idle and closed to make room")
+        self.notices.note(
+            "evict-session",
+            f"closed a session idle for {now - victim.last_used:.0f} s to make room for a new one "
+            "(--evict-idle)",
+        )
+        return True
+
+    async def _turn_to_start(self) -> None:
+        """Wait until fewer than STARTING servers are starting, and count this one: a burst
+        of new sessions starts its servers a few at a time, never on every core at once.
+        Refused (503) after STARTING_WAIT_S."""
+        with anyio.move_on_after(STARTING_WAIT_S):
+            while self.starting.full:
+                await self.starting.freed()
+            self.starting.take()
+            return
+        raise Refused(
+            503,
+            "starting",
+            f"refused a new session: it waited {STARTING_WAIT_S:g} s for other servers to start",
+            RETRY_S,
+        )
+
+    async def _server_slot(self, upstream: Upstream | None) -> None:
+        """Give a session's turn to start back once its server has written something (or
+        after STARTING_HOLD_S), and its server slot once its process has exited."""
+        try:
+            try:
+                if isinstance(upstream, ChildServer):
+                    with anyio.move_on_after(STARTING_HOLD_S):
+                        await upstream.spoke.wait()
+            finally:
+                self.starting.give()
+            if isinstance(upstream, ChildServer):
+                await upstream.wait()
+        finally:
+            self.servers.give()
 
     async def exchange_session(self, headers: Mapping[str, str]) -> Session:
         """A session for one 2026-07-28 request: its own meter and its own share of the upstream."""
@@ -665,6 +982,19 @@ class Gateway:
             await _shutting_down(send)
             return
         try:
+            if method == "POST":
+                length = content_length(headers.get("content-length"))
+                if length is not None and length > self.limits.max_body:
+                    raise BodyTooLarge(self.limits.max_body, length)
+                receive = BoundedReceive(receive, self.limits.max_body, length)
+            if self._opens_session(path, method, headers):
+                client = scope.get("client")
+                wait = self.session_rate.take(client[0] if client else None)
+                if wait:
+                    who = client[0] if client else "a client"
+                    rate = f"{self.limits.session_rate:g} per second, {self.limits.session_burst} at once"
+                    message = f"refused a new session from {who}: over {rate} (--session-rate)"
+                    raise Refused(429, "rate", message, wait)
             if path == "/mcp":
                 if method == "POST":
                     await self._post_mcp(raw_headers, headers, receive, send)
@@ -684,6 +1014,22 @@ class Gateway:
                 await respond(send, 404, b"Not Found", b"text/plain")
         except ClientGone:
             return
+        except Refused as refusal:  # raised before any answer started (see read_body, _admit)
+            self.notices.note(refusal.kind, refusal.message)
+            text = refusal.answer if isinstance(refusal, BodyTooLarge) else _refusal_text(refusal)
+            await respond(send, refusal.status, text, b"text/plain", refusal.headers())
+
+    @staticmethod
+    def _opens_session(path: str, method: str, headers: Mapping[str, str]) -> bool:
+        """Whether a request would open a handshake-era session (``--session-rate`` counts it)."""
+        if path == "/sse":
+            return method == "GET"
+        return (
+            path == "/mcp"
+            and method == "POST"
+            and "mcp-session-id" not in headers
+            and not is_modern(headers.get("mcp-protocol-version"))
+        )
 
     def _authorized(self, value: str | None) -> bool:
         assert self._token is not None
@@ -696,7 +1042,11 @@ class Gateway:
         body = await read_body(receive)
         seen = time.perf_counter()
         hs = heads(body)
-        if self.draining and (any(h.kind == REQUEST for h in hs) or not hs):
+        refused = _refuse_body(body, hs)
+        if refused is not None:
+            await respond(send, 400, refused)
+            return
+        if self.draining and any(h.kind == REQUEST for h in hs):
             await _shutting_down(send)  # answers for the calls in flight are still welcome
             return
         if is_modern(headers.get("mcp-protocol-version")):
@@ -713,7 +1063,7 @@ class Gateway:
                 session = await self.new_session(headers, "http")
             except UpstreamError as exc:
                 warn_once(f"start:{exc}", str(exc))
-                await respond(send, 502, self._errors(hs, str(exc)))
+                await respond(send, 502, self._errors(body, str(exc)))
                 return
             extra = [(b"mcp-session-id", session.id.encode())]
         else:
@@ -740,14 +1090,14 @@ class Gateway:
         head = hs[0]
         problem = _header_mismatch(raw_headers, headers, head)
         if problem is not None:
-            raw_id = encode_id(head.id) if head.kind == REQUEST else b"null"
+            raw_id = frame_members(body)[0].raw_id if head.kind == REQUEST else b"null"
             await respond(send, 400, _error_body(problem, HEADER_MISMATCH, raw_id))
             return
         try:
             session = await self.exchange_session(headers)
         except UpstreamError as exc:
             warn_once(f"start:{exc}", str(exc))
-            await respond(send, 502, self._errors(hs, str(exc)))
+            await respond(send, 502, self._errors(body, str(exc)))
             return
         try:
             await self._exchange(session, body, hs, seen, headers, receive, send, [])
@@ -765,38 +1115,56 @@ class Gateway:
         send: Send,
         extra: list[tuple[bytes, bytes]],
     ) -> None:
-        """Forward one POST's body; answer with what comes back for its requests."""
+        """Forward one POST's body; answer with what comes back for its requests.
+
+        What the session does not admit (see :meth:`Session.admit`) is answered by mcpmeter
+        and never forwarded; its answers join the server's in the same body (a batch).
+        """
         try:
             upstream = await session.ready()
         except UpstreamError as exc:
-            await respond(send, 502, self._errors(hs, str(exc)), headers=extra)
+            await respond(send, 502, self._errors(body, str(exc)), headers=extra)
             return
-        requests = [h for h in hs if h.kind == REQUEST]
+        admission = session.admit(body, hs)
+        if admission.frame is None:  # nothing for the server: a reused id, or junk alone
+            await respond(send, 200, admission.answer(), headers=extra)
+            return
+        frame, requests = admission.frame, admission.requests
+        waiter = session.wait_for(admission) if requests else None  # no await since admit()
         hint = headers.get("x-request-id")
         if hint:
             for head in requests:
                 session.hints[str(head.id)] = hint
-        answer = await session.refusal(body, hs, seen)
+        answer = await session.refusal(frame, hs, seen) if frame is body else None
         if answer is not None:
+            if waiter is not None:
+                session.forget(waiter, sent=False)
             await respond(send, 200, answer, headers=extra)
             return
-        waiter = session.wait_for(requests) if requests else None
         session.busy += 1
         self._begin()
+        sent = False
         try:
-            session.meter_c2s(body, seen)
+            session.meter_c2s(frame, seen)
             try:
-                await upstream.send(body)
+                await upstream.send(frame)
             except UpstreamError as exc:
-                await respond(send, 502, self._errors(hs, str(exc)), headers=extra)
+                failure = self._errors(frame, str(exc))
+                if admission.own:
+                    failure = join_batch([failure, *admission.own])
+                await respond(send, 502, failure, headers=extra)
                 return
+            sent = True
             if waiter is None:
-                await respond(send, 202, b"", headers=extra)
+                if admission.own:  # notifications or responses relayed; junk answered
+                    await respond(send, 200, admission.answer(), headers=extra)
+                else:
+                    await respond(send, 202, b"", headers=extra)
                 return
             await self._answer(session, waiter, receive, send, extra)
         finally:
             if waiter is not None:
-                session.forget(waiter)
+                session.forget(waiter, sent=sent)
             session.busy -= 1
             session.last_used = time.monotonic()
             self._end()
@@ -804,24 +1172,36 @@ class Gateway:
     async def _answer(
         self, session: Session, waiter: Waiter, receive: Receive, send: Send, extra: list[tuple[bytes, bytes]]
     ) -> None:
+        """Relay what comes for ``waiter``: one JSON body, or an event stream once the server
+        sends more than the answers. A batch waits :data:`BATCH_TIMEOUT_S` at most; then
+        mcpmeter answers each member still unanswered (see :meth:`_give_up`)."""
         streaming = False
+        timeout = self.options.batch_timeout if waiter.batch else math.inf
+        deadline = anyio.current_time() + timeout
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_disconnect, receive, scope)
                 while True:
-                    item = await waiter.next()
-                    if isinstance(item, str):  # no answer will come
-                        failure = self._errors(waiter.requests, item, waiter.pending)
-                        if streaming:
-                            await send(
-                                {"type": "http.response.body", "body": encode_event(failure, "message")}
-                            )
+                    item: tuple[bytes, bool] | str | None = None
+                    with anyio.move_on_after(deadline - anyio.current_time()):
+                        item = await waiter.next()
+                    if item is None or isinstance(item, str):  # no (more) answers will come
+                        if item is None:
+                            closing, status = waiter.closing(await self._give_up(session, waiter)), 200
                         else:
-                            await respond(send, 502, failure, headers=extra)
+                            ids = waiter.unanswered() or [b"null"]
+                            failures = [error_frame(raw_id, f"mcpmeter: {item}") for raw_id in ids]
+                            closing, status = waiter.closing(failures), 502
+                        if streaming:
+                            event = encode_event(closing, "message")
+                            await send({"type": "http.response.body", "body": event})
+                        else:
+                            await respond(send, status, closing, headers=extra)
                         break
                     frame, complete = item
                     if complete and not streaming:
-                        await respond(send, self._status(session, frame), frame, headers=extra)
+                        body = waiter.with_own(frame)
+                        await respond(send, self._status(session, body), body, headers=extra)
                         break
                     if not streaming:
                         streaming = True
@@ -831,23 +1211,46 @@ class Gateway:
                             "headers": _SSE_HEADERS + extra,
                         }
                         await send(start)
+                    last = complete and not waiter.own
                     event = encode_event(frame, "message")
-                    await send({"type": "http.response.body", "body": event, "more_body": not complete})
+                    await send({"type": "http.response.body", "body": event, "more_body": not last})
                     if complete:
+                        if waiter.own:
+                            event = encode_event(join_batch(waiter.own), "message")
+                            await send({"type": "http.response.body", "body": event})
                         break
                 tg.cancel_scope.cancel()
         if scope.cancelled_caught and session.modern and waiter.pending:
             # 2026-07-28: a closed response stream is the request's cancellation.
             await self._cancel(session, waiter)
 
-    async def _cancel(self, session: Session, waiter: Waiter) -> None:
+    async def _cancel(
+        self, session: Session, waiter: Waiter, reason: str = "the client closed the request"
+    ) -> None:
+        """Tell the server the requests ``waiter`` still waits for are cancelled (one
+        ``notifications/cancelled`` each, with the exact id bytes the client sent)."""
         upstream = session.upstream
-        for head in waiter.requests:
-            if id_key(head.id) in waiter.pending and upstream is not None:
-                frame = cancelled_frame(encode_id(head.id), "the client closed the request")
-                session.meter_c2s(frame, time.perf_counter())
-                with contextlib.suppress(UpstreamError):
-                    await upstream.send(frame)
+        if upstream is None:
+            return
+        for raw_id in waiter.unanswered():
+            frame = cancelled_frame(raw_id, reason)
+            session.meter_c2s(frame, time.perf_counter())
+            with contextlib.suppress(UpstreamError):
+                await upstream.send(frame)
+
+    async def _give_up(self, session: Session, waiter: Waiter) -> list[bytes]:
+        """The batch of ``waiter`` is past its bound: a -32000 error for each member the
+        server has not answered. Each is metered as that request's answer, so its row says
+        ``error`` with code -32000 and this message, written now with the wait as its
+        latency (a late answer from the server cannot rewrite it). The server is told the
+        requests are cancelled, as MCP asks of a requester that stops waiting."""
+        why = f"mcpmeter: no answer from the server within {self.options.batch_timeout:g} s"
+        errors = [error_frame(raw_id, why, UPSTREAM_ERROR) for raw_id in waiter.unanswered()]
+        seen = time.perf_counter()
+        for frame in errors:
+            meter_frame(session.meter, S2C, frame, seen)
+        await self._cancel(session, waiter, why)
+        return errors
 
     def _status(self, session: Session, frame: bytes) -> int:
         if not session.modern:
@@ -857,16 +1260,17 @@ class Gateway:
         return _ERROR_STATUS.get(code, 200) if code is not None else 200
 
     @staticmethod
-    def _errors(hs: list[Head], reason: str, only: set[IdKey] | None = None) -> bytes:
-        """Error answers of mcpmeter's own for the requests in ``hs`` (not metered)."""
+    def _errors(frame: bytes, reason: str) -> bytes:
+        """Error answers of mcpmeter's own for the requests in ``frame`` (not metered), with
+        the exact id bytes the client sent."""
         frames = [
-            error_frame(encode_id(h.id), f"mcpmeter: {reason}", UPSTREAM_ERROR)
-            for h in hs
-            if h.kind == REQUEST and (only is None or id_key(h.id) in only)
+            error_frame(m.raw_id, f"mcpmeter: {reason}", UPSTREAM_ERROR)
+            for m in frame_members(frame)
+            if m.head.kind == REQUEST
         ]
         if not frames:
             return _error_body(f"mcpmeter: {reason}", UPSTREAM_ERROR)
-        return frames[0] if len(frames) == 1 else b"[" + b",".join(frames) + b"]"
+        return frames[0] if len(frames) == 1 and not is_batch(frame) else join_batch(frames)
 
     async def _get_mcp(self, headers: dict[str, str], receive: Receive, send: Send) -> None:
         if is_modern(headers.get("mcp-protocol-version")):
@@ -931,35 +1335,93 @@ class Gateway:
         body = await read_body(receive)
         seen = time.perf_counter()
         hs = heads(body)
-        if self.draining and (any(h.kind == REQUEST for h in hs) or not hs):
+        refused = _refuse_body(body, hs)
+        if refused is not None:
+            await respond(send, 400, refused)
+            return
+        if self.draining and any(h.kind == REQUEST for h in hs):
             await _shutting_down(send)
             return
-        hint = headers.get("x-request-id")
-        if hint:
-            for head in hs:
-                if head.kind == REQUEST:
-                    session.hints[str(head.id)] = hint
+        stream = session.legacy_stream
         upstream = session.upstream
-        assert upstream is not None
-        answer = await session.refusal(body, hs, seen)
-        if answer is not None and session.legacy_stream is not None:
-            await session.legacy_stream.push(answer)
+        assert upstream is not None and stream is not None
+        # As on /mcp, but every answer travels on the session's stream: the waiter only
+        # tracks which ids are in flight, and bounds a batch's wait.
+        admission = session.admit(body, hs)
+        if admission.frame is None:
+            await stream.push(admission.answer())
             await respond(send, 202, b"Accepted", b"text/plain")
             return
-        session.meter_c2s(body, seen)
+        frame, requests = admission.frame, admission.requests
+        waiter = session.wait_for(admission, queue=False) if requests else None  # no await since admit()
+        hint = headers.get("x-request-id")
+        if hint:
+            for head in requests:
+                session.hints[str(head.id)] = hint
+        answer = await session.refusal(frame, hs, seen) if frame is body else None
+        if answer is not None:
+            if waiter is not None:
+                session.forget(waiter, sent=False)
+            await stream.push(answer)
+            await respond(send, 202, b"Accepted", b"text/plain")
+            return
+        session.meter_c2s(frame, seen)
         try:
-            await upstream.send(body)
+            await upstream.send(frame)
         except UpstreamError as exc:
+            if waiter is not None:
+                session.forget(waiter, sent=False)
             await respond(send, 502, str(exc).encode(), b"text/plain")
             return
+        if admission.own:
+            await stream.push(join_batch(admission.own))
+        if waiter is not None and waiter.batch:
+            self.tg.start_soon(self._expire, session, waiter)
         session.last_used = time.monotonic()
         await respond(send, 202, b"Accepted", b"text/plain")
+
+    async def _expire(self, session: Session, waiter: Waiter) -> None:
+        """An HTTP+SSE batch past its bound: mcpmeter's answers for the members still
+        unanswered go on the session's stream (see :meth:`_give_up`)."""
+        with anyio.move_on_after(self.options.batch_timeout):
+            await waiter.done.wait()
+        stream = session.legacy_stream
+        if waiter.pending and not session.closed and stream is not None:
+            await stream.push(join_batch(await self._give_up(session, waiter)))
+        session.forget(waiter)
+
+
+def _refusal_text(refusal: Refused) -> bytes:
+    status = "Too Many Requests" if refusal.status == 429 else "Service Unavailable"
+    return f"{status}: mcpmeter {refusal.message}".encode()
 
 
 async def _shutting_down(send: Send) -> None:
     await respond(
         send, 503, b"Service Unavailable: shutting down", b"text/plain", [(b"connection", b"close")]
     )
+
+
+def _refuse_body(body: bytes, hs: list[Head]) -> bytes | None:
+    """The 400 answer for a body that holds no JSON-RPC message mcpmeter can forward.
+
+    Not JSON, empty, or nested deeper than :data:`MAX_DEPTH`: a -32700 parse error. JSON
+    but no JSON-RPC message in it (a scalar, ``{}``, an empty batch, a batch of junk alone):
+    -32600, one per member for a batch, as JSON-RPC answers ``[1,2,3]``. None otherwise
+    (a batch with junk beside valid members is answered member by member instead). The
+    depth is checked only after the decoder accepted the body, and costs two byte counts
+    unless the body has more than :data:`MAX_DEPTH` brackets.
+    """
+    if not hs:
+        code, message = body_problem(body)
+        return error_frame(b"null", message, code)
+    if too_deep(body):
+        message = f"mcpmeter: Parse error: JSON nested deeper than {MAX_DEPTH} levels"
+        return error_frame(b"null", message, PARSE_ERROR)
+    if any(is_message(h) for h in hs):
+        return None
+    errors = [error_frame(m.raw_id, _NOT_A_MESSAGE, INVALID_REQUEST) for m in frame_members(body)]
+    return join_batch(errors) if is_batch(body) else errors[0]
 
 
 def _header_mismatch(
@@ -1078,10 +1540,18 @@ def run_listen(options: ListenOptions) -> int:
 async def _serve(options: ListenOptions, writer: AuditWriter, sock: socket.socket, signals: Signals) -> None:
     import uvicorn
 
+    from mcpmeter.transports import limits as lim
+
     class Server(uvicorn.Server):
         @contextlib.contextmanager
         def capture_signals(self) -> Any:  # the signals are ours to handle
             yield
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            # uvicorn's backlog (lim.ACCEPT_BATCH) is also asyncio's accept batch and the
+            # listen queue's length; the queue gets its full length back.
+            sock.listen(lim.LISTEN_QUEUE)
 
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
@@ -1090,18 +1560,29 @@ async def _serve(options: ListenOptions, writer: AuditWriter, sock: socket.socke
         async with contextlib.AsyncExitStack() as stack:
             if options.url is not None:
                 gateway.client = await stack.enter_async_context(new_client())
+            limits = options.limits
+            guard = lim.guard_for(
+                limits,
+                gateway.notices,
+                servers=min(limits.max_servers, limits.max_sessions) if gateway._own_servers else 2,
+                per_connection=1 if options.url is None else 2,  # --url: one to the server, too
+            )
+            stack.enter_context(lim.quiet_uvicorn(gateway.notices))
+            stack.callback(gateway.notices.flush)
             config = uvicorn.Config(
                 gateway,
                 lifespan="off",
                 log_level="warning",
                 log_config=None,
                 access_log=False,
-                http="h11",
+                http=lim.protocol_for(guard),
                 ws="none",
                 interface="asgi3",
                 proxy_headers=False,
                 server_header=False,
                 timeout_graceful_shutdown=2,
+                timeout_keep_alive=lim.KEEP_ALIVE_S,
+                backlog=lim.ACCEPT_BATCH,
             )
             server = Server(config)
             served = anyio.Event()
@@ -1115,6 +1596,7 @@ async def _serve(options: ListenOptions, writer: AuditWriter, sock: socket.socke
             # Signals stay ours until the end: a second SIGTERM must not cut the shutdown short.
             stop = anyio.Event()
             loop = asyncio.get_running_loop()
+            loop.set_exception_handler(lim.loop_exception_handler(gateway.notices, guard))
             signals.while_relaying(lambda sig: loop.call_soon_threadsafe(stop.set))
             signals.watch(loop)
             if signals.received:
@@ -1122,6 +1604,11 @@ async def _serve(options: ListenOptions, writer: AuditWriter, sock: socket.socke
             tg.start_soon(serve)
             tg.start_soon(gateway.reap_idle)
             warn(f"listening on http://{shown}:{port}/mcp (streamable HTTP) and /sse (HTTP+SSE)")
+            if guard.cap < limits.max_connections:
+                warn(
+                    f"the open-file limit leaves room for {guard.cap} connections: "
+                    f"--max-connections {limits.max_connections} lowered to {guard.cap}"
+                )
             await stop.wait()
             with anyio.move_on_after(DRAIN_S):
                 await gateway.drain()

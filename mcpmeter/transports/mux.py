@@ -48,8 +48,10 @@ class MuxChannel:
     def __init__(self, mux: Mux, deliver: Deliver) -> None:
         self.closed = anyio.Event()
         self.deliver = deliver
-        #: original id key -> the id the server sees
+        #: original id key -> the id the server sees (the newest, should a client reuse one)
         self.pending: dict[tuple[str, object], int] = {}
+        #: every id the server sees for this channel and has not answered
+        self.sent: set[int] = set()
         self.tokens: set[tuple[str, object]] = set()
         self._mux = mux
 
@@ -105,9 +107,10 @@ class Mux:
 
     def detach(self, channel: MuxChannel) -> None:
         self._channels.pop(channel, None)
-        for upstream_id in channel.pending.values():
+        for upstream_id in channel.sent:
             self._table.pop(upstream_id, None)
         channel.pending.clear()
+        channel.sent.clear()
 
     async def aclose(self) -> None:
         upstream = self._upstream
@@ -135,11 +138,12 @@ class Mux:
                 start, end = members["id"]
                 upstream_id = next(self._ids)
                 key = id_key(head.id)
-                previous = channel.pending.get(key)
-                if previous is not None:  # the same id again before its answer: the newer wins
-                    self._table.pop(previous, None)
+                # The same id again before its answer (``--listen`` refuses that, but a mux
+                # must not rely on it): each keeps its entry, so both answers go back with
+                # the client's id; never with one the server saw.
                 self._table[upstream_id] = (channel, frame[start:end], key)
                 channel.pending[key] = upstream_id
+                channel.sent.add(upstream_id)
                 if head.progress_token is not None:
                     channel.tokens.add(id_key(head.progress_token))
                 replacements.append((start, end, str(upstream_id).encode()))
@@ -181,14 +185,16 @@ class Mux:
             if entry is None or "id" not in members:
                 continue
             channel, raw_id, key = entry
-            channel.pending.pop(key, None)
+            channel.sent.discard(head.id)
+            if channel.pending.get(key) == head.id:
+                del channel.pending[key]
             start, end = members["id"]
             replacements.append((start, end, raw_id))
             owner = channel
         if owner is None:
             self.unrouted += 1  # its client has gone
             return
-        if not owner.pending:
+        if not owner.sent:
             owner.tokens.clear()
         await owner.deliver(splice(frame, replacements), seen)
 

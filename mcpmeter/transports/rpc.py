@@ -33,6 +33,13 @@ NAME_PARAMS = {"tools/call": "name", "prompts/get": "name", "resources/read": "u
 HEADER_MISMATCH = -32020
 #: The code of the errors mcpmeter answers itself when the upstream cannot.
 UPSTREAM_ERROR = -32000
+#: JSON-RPC's own codes, for bodies mcpmeter refuses before they reach the server.
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+#: How deep arrays and objects may nest in a body from a client. The decoders recurse
+#: (msgspec gives up near Python's recursion limit, servers' parsers often sooner), so a
+#: deeper body is refused up front, the same way whatever the stack depth of the moment.
+MAX_DEPTH = 512
 
 _WS = b" \t\r\n"
 _Scalar = str | int | float | bool | None
@@ -144,17 +151,154 @@ def first_byte(frame: bytes | bytearray) -> int | None:
     return None
 
 
+def _member_head(raw: bytes | msgspec.Raw) -> Head:
+    try:
+        return _head(_decode_message(raw))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return Head(OTHER)
+
+
 def heads(frame: bytes) -> list[Head]:
-    """One head per message: one for an object, one per member for a batch; none if not JSON-RPC."""
+    """One head per message: one for an object, one per member for a batch; none if not JSON.
+
+    A batch member that is not a JSON-RPC message (a number, a string, ``{}``) has a head of
+    kind ``other``, so the valid members of a batch keep theirs. Never raises: a frame nested
+    too deep for the decoder (RecursionError) has no heads, like any frame that is not JSON.
+    """
     first = first_byte(frame)
     try:
         if first == 0x7B:
             return [_head(_decode_message(frame))]
         if first == 0x5B:
-            return [_head(_decode_message(raw)) for raw in _decode_elements(frame)]
-    except (msgspec.DecodeError, msgspec.ValidationError):
+            return [_member_head(raw) for raw in _decode_elements(frame)]
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         pass
     return []
+
+
+def is_message(head: Head) -> bool:
+    """Whether a head is a JSON-RPC request, notification or response (not junk)."""
+    return head.kind != OTHER
+
+
+_SQUARE = bytes.maketrans(b"{}", b"[]")
+_NOT_BRACKET_OR_QUOTE = bytes(b for b in range(256) if b not in b'[]{}"')
+
+
+def _brackets(text: bytes) -> bytes:
+    """The brackets of the JSON text ``text`` that are not inside strings, all as ``[`` ``]``.
+
+    Escapes go first (``\\\\``, then ``\\"``; read left to right, as a decoder does), so
+    every quote left delimits a string. Then only brackets and quotes are kept; each pair of
+    adjacent quotes (a string without brackets) is dropped, which leaves every bracket with
+    the same parity of quotes before it; the strings still left are cut out by that parity.
+    Every step runs in C, and the last only over strings that hold a bracket.
+    """
+    if b"\\" in text:
+        text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    kept = text.translate(_SQUARE, _NOT_BRACKET_OR_QUOTE).replace(b'""', b"")
+    if b'"' in kept:
+        kept = b"".join(kept.split(b'"')[::2])
+    return kept
+
+
+def too_deep(frame: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether the JSON text ``frame`` nests arrays and objects deeper than ``limit``.
+
+    Meant for text the decoder accepted (every string closed). A frame with at most
+    ``limit`` brackets cannot be deeper, which two byte counts tell: nearly every message
+    stops there. Otherwise each round peels the innermost level (every empty pair) off its
+    brackets, so what is left after ``limit`` rounds nests deeper than ``limit``. About
+    15 ms for a 4 MB body of small objects.
+    """
+    if frame.count(b"[") + frame.count(b"{") <= limit:
+        return False
+    brackets = _brackets(frame)
+    if brackets.startswith(b"[" * (limit + 1)):
+        return True
+    for _ in range(limit):
+        peeled = brackets.replace(b"[]", b"")
+        if len(peeled) == len(brackets):  # empty, or not balanced: not a question of depth
+            return False
+        brackets = peeled
+    return bool(brackets)
+
+
+def body_problem(frame: bytes) -> tuple[int, str]:
+    """Why a frame with no JSON-RPC message in it is refused: a code and a message.
+
+    Only called on that rare path, so decoding the whole frame to tell "not JSON" (-32700)
+    from "JSON, but no JSON-RPC message" (-32600) costs the common path nothing.
+    """
+    if first_byte(frame) is None:
+        return PARSE_ERROR, "mcpmeter: Parse error: the body is empty"
+    try:
+        value = msgspec.json.decode(frame)
+    except RecursionError:
+        return PARSE_ERROR, f"mcpmeter: Parse error: JSON nested deeper than {MAX_DEPTH} levels"
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return PARSE_ERROR, "mcpmeter: Parse error: the body is not valid JSON"
+    if value == []:
+        return INVALID_REQUEST, "mcpmeter: Invalid Request: an empty batch"
+    return INVALID_REQUEST, "mcpmeter: Invalid Request: not a JSON-RPC message"
+
+
+class Member(NamedTuple):
+    """One message of a frame (the frame itself, or one member of a batch), as bytes."""
+
+    head: Head
+    raw: bytes
+    #: The exact bytes of its id (a string or a number), or ``null`` when it has none.
+    raw_id: bytes
+
+
+def _raw_id(message: bytes) -> bytes:
+    spans = member_spans(message)
+    if spans is None or "id" not in spans:
+        return b"null"
+    start, end = spans["id"]
+    raw = message[start:end]
+    return raw if raw[:1] in b'"-0123456789' else b"null"
+
+
+def frame_members(frame: bytes) -> list[Member]:
+    """Each message of ``frame`` with its exact bytes and id bytes; none if it is not JSON.
+
+    For the rarer paths (a batch with junk or a reused id, mcpmeter answering for the
+    server): it slices the frame, so the ids mcpmeter answers with are byte for byte the
+    ones the client wrote (``1.50`` stays ``1.50``).
+    """
+    if first_byte(frame) == 0x5B:
+        spans = element_spans(frame)
+        if spans is None:
+            return []
+        parts = [frame[start:end] for start, end in spans]
+    elif first_byte(frame) == 0x7B:
+        parts = [frame]
+    else:
+        return []
+    return [Member(_member_head(part), part, _raw_id(part)) for part in parts]
+
+
+def raw_ids(frame: bytes) -> dict[tuple[str, object], bytes]:
+    """The exact id bytes of each request in ``frame``, by :func:`id_key`."""
+    return {id_key(m.head.id): m.raw_id for m in frame_members(frame) if m.head.kind == REQUEST}
+
+
+def join_batch(parts: list[bytes]) -> bytes:
+    """One batch of the messages in ``parts``; a part that is itself a batch is spliced in.
+
+    The members keep their bytes: a server's batch answer and mcpmeter's own answers become
+    one array without re-serialising anything.
+    """
+    inner: list[bytes] = []
+    for part in parts:
+        text = part.strip(_WS)
+        if text[:1] == b"[" and text[-1:] == b"]":
+            text = text[1:-1].strip(_WS)
+        if text:
+            inner.append(text)
+    return b"[" + b",".join(inner) + b"]"
 
 
 def is_batch(frame: bytes) -> bool:
@@ -193,7 +337,7 @@ def member_spans(obj: bytes, start: int = 0) -> dict[str, tuple[int, int]] | Non
     """
     try:
         members = _decode_members(obj[start:] if start else obj)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     spans: dict[str, tuple[int, int]] = {}
     i = _skip_ws(obj, start)
@@ -231,7 +375,7 @@ def element_spans(array: bytes) -> list[tuple[int, int]] | None:
     """``(start, end)`` of each element of the JSON array ``array``, or None if it is not one."""
     try:
         elements = _decode_elements(array)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     spans: list[tuple[int, int]] = []
     i = _skip_ws(array, 0)

@@ -159,10 +159,15 @@ def _enlarge_pipe(fd: int) -> None:
 
 
 def _parent_death_guard() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking Linux to SIGKILL the server when mcpmeter dies, or None."""
+    """A ``preexec_fn`` asking Linux to SIGKILL the server when mcpmeter dies, or None.
+
+    It also gives the server the open-file limit mcpmeter was started with (see
+    :mod:`mcpmeter.fdlimit`)."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
+
+    from mcpmeter.fdlimit import restore_fd_limit
 
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -172,6 +177,7 @@ def _parent_death_guard() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def guard() -> None:
+        restore_fd_limit()
         prctl(pr_set_pdeathsig, signal.SIGKILL)
         if os.getppid() != parent:  # mcpmeter died between fork and prctl
             os._exit(1)
