@@ -9,6 +9,7 @@ import typer
 from conftest import ROOT
 
 from mcpmeter.cli import app
+from mcpmeter.record import COLUMNS, STATUSES
 from mcpmeter.wrap_cli import build_parser
 
 README = (ROOT / "README.md").read_text()
@@ -41,3 +42,16 @@ def test_every_option_is_mentioned_in_the_readme(command: str, option: str) -> N
 
 def test_the_changelog_has_an_unreleased_section() -> None:
     assert "## Unreleased" in (ROOT / "CHANGELOG.md").read_text()
+
+
+@pytest.mark.parametrize("column", COLUMNS)
+def test_every_audit_column_is_in_the_readme_table(column: str) -> None:
+    assert re.search(rf"^\| [^|]*`{column}`", README.split("## The audit row", 1)[1], re.MULTILINE), column
+
+
+@pytest.mark.parametrize("status", STATUSES)
+def test_every_status_is_documented_in_the_readme_table(status: str) -> None:
+    rows = [
+        line for line in README.split("## The audit row", 1)[1].splitlines() if line.startswith("| `status`")
+    ]
+    assert rows and f"`{status}`" in rows[0], status
