@@ -335,7 +335,7 @@ def server_processes(pid: int) -> int:
 
 def max_servers(flags: list[str]) -> int:
     """The wrapper's --max-servers: the flag's value when given, else the default."""
-    from mcpmeter.transports.limits import ListenLimits
+    from mcpmeter.proxy.limits import ListenLimits
 
     if "--max-servers" in flags:
         return int(flags[flags.index("--max-servers") + 1])

@@ -28,9 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mcpmeter.integrity import verify_store
 from mcpmeter.record import CallRecord
 from mcpmeter.store import open_store
+from mcpmeter.store.integrity import verify_store
 
 DEFAULT_PG = "postgresql://postgres@127.0.0.1:5432/test"
 BATCHES = (100, 2000)

@@ -15,10 +15,10 @@ import sys
 import atheris
 
 with atheris.instrument_imports():
-    from mcpmeter.frame import LineSplitter
-    from mcpmeter.meters.calls import C2S, S2C, CallMeter
+    from mcpmeter.metering.calls import C2S, S2C, CallMeter
+    from mcpmeter.metering.tags import Tenant
+    from mcpmeter.protocol.frame import LineSplitter
     from mcpmeter.record import CallRecord
-    from mcpmeter.tags import Tenant
 
 
 def one_input(data: bytes) -> None:

@@ -13,7 +13,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if args[:1] == ["wrap"]:  # the fast path: a client is waiting for its server
-        from mcpmeter import wrap_cli
+        from mcpmeter.cli import wrap as wrap_cli
 
         try:
             return wrap_cli.main(args[1:])
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import typer
 
-    from mcpmeter.cli import app
+    from mcpmeter.cli.app import app
 
     try:
         result = app(args=args, prog_name="mcpmeter", standalone_mode=False)

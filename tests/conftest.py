@@ -25,8 +25,8 @@ MCPMETER = str(Path(sys.executable).with_name("mcpmeter"))
 @pytest.fixture(autouse=True)
 def no_chain_key() -> Iterator[None]:
     """No chain key unless a test sets one, and none left behind in this process's cache."""
-    from mcpmeter.chain import reload_chain_key
     from mcpmeter.errors import MeterError
+    from mcpmeter.store.chain import reload_chain_key
 
     with pytest.MonkeyPatch.context() as env:
         env.delenv("MCPMETER_CHAIN_KEY", raising=False)

@@ -22,10 +22,10 @@ from hypothesis import strategies as st
 from mcp import Client, StdioServerParameters
 from stores import BACKENDS, Backend, make_backend
 
-from mcpmeter.budget import Budget, BudgetGate, reserve, window
 from mcpmeter.errors import UsageError
+from mcpmeter.metering.budget import Budget, BudgetGate, reserve, window
+from mcpmeter.metering.tags import Tenant
 from mcpmeter.store import SQLiteStore
-from mcpmeter.tags import Tenant
 
 RAW = str(SERVERS / "raw_server.py")
 COUNTING = str(SERVERS / "counting_server.py")
@@ -345,7 +345,7 @@ def test_wrap_refuses_a_budget_flag_that_is_not_finite_negative_or_too_big_in_on
     [(math.nan, None), (math.inf, None), (-1.0, None), (None, 2**63), (None, -1), (None, None)],
 )
 def test_the_python_api_refuses_the_same_limits(db_path: Path, usd: float | None, calls: int | None) -> None:
-    from mcpmeter.budget_admin import set_budget
+    from mcpmeter.metering.budget_admin import set_budget
 
     with pytest.raises(UsageError):
         set_budget(str(db_path), "project", "acme", "total", usd, calls, False, 0.8)

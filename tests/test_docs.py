@@ -8,9 +8,9 @@ import pytest
 import typer
 from conftest import ROOT
 
-from mcpmeter.cli import app
+from mcpmeter.cli.app import app
+from mcpmeter.cli.wrap import build_parser
 from mcpmeter.record import COLUMNS, STATUSES
-from mcpmeter.wrap_cli import build_parser
 
 README = (ROOT / "README.md").read_text()
 COMMANDS = typer.main.get_command(app).commands  # type: ignore[attr-defined]

@@ -3,9 +3,9 @@
 Three promises (DESIGN.md: "wrap is transparent", "a frame that is not JSON ... never kills the
 relay", "one audit row per JSON-RPC request"):
 
-- :class:`~mcpmeter.frame.LineSplitter` hands out exactly the input's lines, whatever the chunking;
+- :class:`~mcpmeter.protocol.frame.LineSplitter` hands out exactly the input's lines, whatever the chunking;
 - ``mcpmeter wrap -- cat`` gives back exactly the bytes it was given;
-- :class:`~mcpmeter.meters.calls.CallMeter` never raises and writes one row per request, and only then.
+- :class:`~mcpmeter.metering.calls.CallMeter` never raises and writes one row per request, and only then.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from conftest import MCPMETER, read_rows
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mcpmeter.frame import LineSplitter
-from mcpmeter.meters.calls import CallMeter
+from mcpmeter.metering.calls import CallMeter
+from mcpmeter.metering.tags import Tenant
+from mcpmeter.protocol.frame import LineSplitter
 from mcpmeter.record import CallRecord
-from mcpmeter.tags import Tenant
 
 # -- strategies ------------------------------------------------------------------------------
 

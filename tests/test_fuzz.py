@@ -8,9 +8,9 @@ from pathlib import Path
 
 from conftest import PYTHON, ROOT
 
-from mcpmeter.meters.calls import C2S, CallMeter
+from mcpmeter.metering.calls import C2S, CallMeter
+from mcpmeter.metering.tags import Tenant
 from mcpmeter.record import CallRecord
-from mcpmeter.tags import Tenant
 
 FUZZ = ROOT / "fuzz"
 

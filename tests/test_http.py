@@ -35,8 +35,8 @@ from hypothesis import strategies as st
 from mcp import Client, StdioServerParameters, types
 from mcp.client.sse import sse_client
 
-from mcpmeter.transports.rpc import member_spans, splice
-from mcpmeter.transports.sse import Event, SSEParser, encode_event
+from mcpmeter.protocol.rpc import member_spans, splice
+from mcpmeter.protocol.sse import Event, SSEParser, encode_event
 
 pytestmark = pytest.mark.anyio
 

@@ -19,7 +19,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stores import BACKENDS, Backend, make_backend, subprocess_env
 
-from mcpmeter.chain import (
+from mcpmeter.errors import UsageError
+from mcpmeter.record import CallRecord, iso_utc
+from mcpmeter.store import Store
+from mcpmeter.store.chain import (
     CHAIN_COLUMNS,
     GENESIS,
     KEY_ENV,
@@ -30,11 +33,8 @@ from mcpmeter.chain import (
     link,
     reload_chain_key,
 )
-from mcpmeter.errors import UsageError
-from mcpmeter.integrity import Gaps, check_store, verify_store
-from mcpmeter.meters.spill import encode_lines, recover_spill, spill_path_for
-from mcpmeter.record import CallRecord, iso_utc
-from mcpmeter.store import Store
+from mcpmeter.store.integrity import Gaps, check_store, verify_store
+from mcpmeter.store.spill import encode_lines, recover_spill, spill_path_for
 
 
 def record(i: int, **fields: Any) -> CallRecord:
@@ -344,7 +344,7 @@ def head_of(result: subprocess.CompletedProcess[bytes]) -> str:
 
 def rechain(backend: Backend, after: int = 0, key: bytes | None = None) -> None:
     """What someone who can write the store does to hide an edit: recompute every hash after
-    row ``after`` with :mod:`mcpmeter.chain` (without the key, unless given one)."""
+    row ``after`` with :mod:`mcpmeter.store.chain` (without the key, unless given one)."""
     rows = backend.sql(f"SELECT id, {HASHED}, hash FROM calls ORDER BY id")
     previous = GENESIS
     for row in rows:
@@ -452,7 +452,7 @@ def test_recomputing_the_chain_after_an_edit_passes_the_plain_verify_but_fails_w
     writers_key.set(KEY)
     store.write_calls([record(i) for i in range(20)])
     backend.sql("UPDATE calls SET agent_id = 'someone-else' WHERE id = 7")
-    rechain(backend)  # every row rewritten with a plain hash, as mcpmeter.chain computes it
+    rechain(backend)  # every row rewritten with a plain hash, as mcpmeter.store.chain computes it
     plain = verify_run(backend.location)
     assert (plain.returncode, plain.stdout.decode()) == (0, "ok: 20 rows (ids 1..20), hash chain intact\n")
     keyed = verify_run(backend.location, key=KEY)

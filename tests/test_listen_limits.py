@@ -22,7 +22,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from conftest import MCPMETER, PYTHON, SERVERS
 from test_http import INIT, RawSession, Running, children_of, dumps
 
-from mcpmeter.transports.limits import ListenLimits
+from mcpmeter.proxy.limits import ListenLimits
 
 pytestmark = pytest.mark.anyio
 

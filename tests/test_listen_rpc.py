@@ -23,8 +23,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_http import HEADERS, INIT, SESSION_S, RawSession, dumps, listening
 
-from mcpmeter.transports.rpc import element_spans, member_spans
-from mcpmeter.transports.sse import SSEParser
+from mcpmeter.protocol.rpc import element_spans, member_spans
+from mcpmeter.protocol.sse import SSEParser
 
 pytestmark = pytest.mark.anyio
 

@@ -17,10 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mcpmeter.errors import UsageError
-from mcpmeter.meters.calls import CallMeter
-from mcpmeter.meters.envelope import decode_message, read_envelope
+from mcpmeter.metering.calls import CallMeter
+from mcpmeter.metering.tags import Tenant, resolve_tenant
+from mcpmeter.protocol.envelope import decode_message, read_envelope
 from mcpmeter.record import CallRecord
-from mcpmeter.tags import Tenant, resolve_tenant
 from mcpmeter.timeparse import parse_when
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -31,7 +31,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportM
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from otlp import Received, attributes, otlp_receiver
 
-from mcpmeter.otel import (
+from mcpmeter.exporters.otel import (
     DURATION_BOUNDS,
     DurationHistogram,
     Encoder,
@@ -244,11 +244,11 @@ async def test_spans_of_wrap_url_say_the_transport_is_tcp_and_keep_their_parent(
 
 def test_the_traceparents_the_meter_keeps_are_all_taken_by_the_exporter(db_path: Path) -> None:
     """The table of traceparents (calls.py) is emptied batch by batch: it cannot grow in a long session."""
-    from mcpmeter.meters import calls
-    from mcpmeter.meters.audit import AuditWriter
-    from mcpmeter.otel import SpanExporter
+    from mcpmeter.exporters.otel import SpanExporter
+    from mcpmeter.metering import calls
+    from mcpmeter.metering.audit import AuditWriter
+    from mcpmeter.metering.tags import resolve_tenant
     from mcpmeter.store import open_store
-    from mcpmeter.tags import resolve_tenant
 
     with otlp_receiver() as receiver:
         config = config_from(receiver.url, {})
@@ -460,7 +460,7 @@ def test_wrap_without_otlp_imports_nothing_of_opentelemetry(meter_env: dict[str,
     )
     assert result.returncode == 0, result.stderr
     imported = result.stderr.decode()
-    for module in ("opentelemetry", "google.protobuf", "mcpmeter.otel", "httpx"):
+    for module in ("opentelemetry", "google.protobuf", "mcpmeter.exporters.otel", "httpx"):
         assert f" {module}" not in imported, f"wrap imported {module} without OTLP configured"
 
 
@@ -731,9 +731,9 @@ def test_export_format_otlp_to_a_collector_that_refuses_fails_in_one_line(
 
 
 def test_protobuf_stays_out_of_the_wrap_fast_path_module_list() -> None:
-    # mcpmeter.otel itself imports neither protobuf nor httpx at module level.
+    # mcpmeter.exporters.otel itself imports neither protobuf nor httpx at module level.
     code = (
-        "import sys, mcpmeter.otel; "
+        "import sys, mcpmeter.exporters.otel; "
         "print(any(m.startswith(('google.protobuf', 'httpx')) for m in sys.modules))"
     )
     result = subprocess.run([PYTHON, "-c", code], capture_output=True, text=True, timeout=WAIT_S, check=True)

@@ -18,7 +18,7 @@ import pytest
 from conftest import MCPMETER, call_record, read_rows
 from test_export import export, one_line_error
 
-from mcpmeter.meters.audit import spill_path_for
+from mcpmeter.metering.audit import spill_path_for
 from mcpmeter.store import SQLiteStore
 
 ROWS = 5

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from otlp import attributes, otlp_receiver
 
-from mcpmeter.redact import MASK, is_secret_key, redact, redacted_json, scrub_text
+from mcpmeter.metering.redact import MASK, is_secret_key, redact, redacted_json, scrub_text
 from mcpmeter.store import SQLiteStore
 
 RAW = str(Path(__file__).resolve().parent / "servers" / "raw_server.py")

@@ -29,8 +29,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stores import BACKENDS, Backend, make_backend
 
-from mcpmeter.report import COLUMNS, grouped, invocations
-from mcpmeter.report_html import render
+from mcpmeter.analysis.html import render
+from mcpmeter.analysis.report import COLUMNS, grouped, invocations
 from mcpmeter.store import CallFilter, open_store
 
 TOOL_COLUMNS = (

@@ -19,12 +19,12 @@ import pytest
 from conftest import MCPMETER, PYTHON, ROOT, call_record
 from stores import BACKENDS, Backend, make_backend, subprocess_env
 
-from mcpmeter.chain import reload_chain_key
-from mcpmeter.meters.audit import AuditWriter
-from mcpmeter.meters.spill import encode_lines, recover_spill, spill_locations, spill_path_for
+from mcpmeter.metering.audit import AuditWriter
 from mcpmeter.record import CallRecord
 from mcpmeter.store import Store, open_store
 from mcpmeter.store.base import BatchMark
+from mcpmeter.store.chain import reload_chain_key
+from mcpmeter.store.spill import encode_lines, recover_spill, spill_locations, spill_path_for
 
 
 @pytest.fixture(params=BACKENDS)
@@ -117,8 +117,8 @@ def test_rows_that_never_reached_the_store_always_load(store: Store, backend: Ba
 #: writer gives up on after 0.5 s; it lives on until the test has released the lock.
 IN_FLIGHT_SCRIPT = """
 import sys
-from mcpmeter.meters.audit import AuditWriter
-from mcpmeter.meters.spill import spill_locations
+from mcpmeter.metering.audit import AuditWriter
+from mcpmeter.store.spill import spill_locations
 from mcpmeter.record import CallRecord
 from mcpmeter.store import open_store
 

@@ -20,7 +20,7 @@ from conftest import MCPMETER, PYTHON, ROOT, call_record
 from stores import BACKENDS, Backend, make_backend, require_postgres, subprocess_env
 
 from mcpmeter.errors import StoreError
-from mcpmeter.meters.audit import AuditWriter, spill_path_for
+from mcpmeter.metering.audit import AuditWriter, spill_path_for
 from mcpmeter.record import CallRecord
 from mcpmeter.store import CallFilter, SQLiteStore, Store, open_store
 from mcpmeter.store.migrations import MIGRATIONS
@@ -351,7 +351,7 @@ def test_call_filters_select_the_rows_they_name(store: Store, where: CallFilter,
 
 WRITER_SCRIPT = """
 import sys
-from mcpmeter.meters.audit import AuditWriter, spill_path_for
+from mcpmeter.metering.audit import AuditWriter, spill_path_for
 from mcpmeter.record import CallRecord
 from mcpmeter.store import open_store
 

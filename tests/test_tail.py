@@ -31,9 +31,9 @@ from rich.console import Console
 
 from mcpmeter.record import COLUMNS, CallRecord, iso_utc
 from mcpmeter.store import CallFilter, SQLiteStore
-from mcpmeter.tail import Poller, read_budgets
-from mcpmeter.tail_model import GROUPINGS, BudgetStatus, TailState, percentile
-from mcpmeter.tail_view import TailView
+from mcpmeter.tail.app import Poller, read_budgets
+from mcpmeter.tail.model import GROUPINGS, BudgetStatus, TailState, percentile
+from mcpmeter.tail.view import TailView
 
 SNAPSHOTS = Path(__file__).resolve().parent / "snapshots"
 NOW = 1_795_366_800.0  # 2026-11-22T17:00:00Z

@@ -31,10 +31,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from stores import BACKENDS, make_backend, subprocess_env
 
-from mcpmeter.export import CsvWriter
+from mcpmeter.exporters.text import CsvWriter
+from mcpmeter.output.terminal import printable
 from mcpmeter.record import COLUMNS, CallRecord
 from mcpmeter.store import SQLiteStore
-from mcpmeter.terminal import printable
 
 #: Tool names a hostile or careless server could announce, one row each.
 HOSTILE_TOOLS = [

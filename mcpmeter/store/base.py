@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 from mcpmeter.record import CallRecord, iso_utc
 
 if TYPE_CHECKING:
-    from mcpmeter.meters.spill import Spilled
+    from mcpmeter.store.spill import Spilled
 
 
 @dataclass(frozen=True, slots=True)

@@ -57,14 +57,14 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.adapt import Buffer, Loader
 
-from mcpmeter.chain import CHAIN_COLUMNS, GENESIS, chain
 from mcpmeter.errors import StoreError
 from mcpmeter.record import COLUMNS, INSERT_COLUMNS, CallRecord, iso_utc
 from mcpmeter.store.base import BatchMark, CallFilter, forget_writer, loadable, record_mark
+from mcpmeter.store.chain import CHAIN_COLUMNS, GENESIS, chain
 from mcpmeter.store.migrations import MIGRATIONS
 
 if TYPE_CHECKING:
-    from mcpmeter.meters.spill import Spilled
+    from mcpmeter.store.spill import Spilled
 
 assert INSERT_COLUMNS[0] == "ts" and CHAIN_COLUMNS == INSERT_COLUMNS
 

@@ -29,15 +29,15 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mcpmeter.chain import CHAIN_COLUMNS, GENESIS, chained
 from mcpmeter.errors import StoreError, UsageError
 from mcpmeter.log import warn
 from mcpmeter.record import COLUMNS, INSERT_COLUMNS, CallRecord, iso_utc
 from mcpmeter.store.base import BatchMark, CallFilter, forget_writer, loadable, record_mark
+from mcpmeter.store.chain import CHAIN_COLUMNS, GENESIS, chained
 from mcpmeter.store.migrations import MIGRATIONS
 
 if TYPE_CHECKING:
-    from mcpmeter.meters.spill import Spilled
+    from mcpmeter.store.spill import Spilled
 
 _PLACEHOLDERS = ", ".join("?" for _ in INSERT_COLUMNS)
 _INSERT = f"INSERT INTO calls ({', '.join(INSERT_COLUMNS)}, hash) VALUES ({_PLACEHOLDERS}, ?)"
