@@ -17,6 +17,8 @@ what the abuser got (statuses, connections closed on it), and the wrapper's serv
 processes, descriptors and peak memory after the abuse.
 
     .venv/bin/python benchmarks/listen_bench.py [--quick] [--json FILE]
+
+The requests, the environment and the process helper are ``http_bench.py``'s.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
-import re
 import resource
 import signal
 import statistics
@@ -43,26 +43,24 @@ from typing import Any
 import httpx
 
 HERE = Path(__file__).resolve().parent
-PYTHON = sys.executable
-MCPMETER = str(Path(sys.executable).with_name("mcpmeter"))
-HEADERS = {"accept": "application/json, text/event-stream", "content-type": "application/json"}
-INIT = json.dumps(
-    {
-        "jsonrpc": "2.0",
-        "id": 0,
-        "method": "initialize",
-        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "bench"}},
-    }
-).encode()
-INITIALIZED = b'{"jsonrpc":"2.0","method":"notifications/initialized"}'
-EXPECTED = b',"result":{"content":[{"type":"text","text":"ok"}],"isError":false}}'
+sys.path.insert(0, str(HERE))
+
+from http_bench import (  # noqa: E402
+    EXPECTED,
+    HEADERS,
+    INIT,
+    INITIALIZED,
+    LISTENING,
+    MCPMETER,
+    PYTHON,
+    call,
+    machine,
+    meter_env,
+    process,
+)
+
 HALF_HEAD = b"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\ncontent-type: application/json\r\n"
 ABUSER_ADDRESS = "127.0.0.2"
-START_TIMEOUT_S = 30.0
-
-
-def call(rpc_id: int) -> bytes:
-    return b'{"jsonrpc":"2.0","id":%d,"method":"tools/call","params":{"name":"echo","arguments":{}}}' % rpc_id
 
 
 def raise_nofile() -> None:
@@ -304,28 +302,9 @@ async def run(url: str, pid: int, max_servers: int, options: argparse.Namespace)
 
 @contextlib.contextmanager
 def wrapper(db: Path, flags: list[str]) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MCPMETER_")}
-    env["MCPMETER_DB"] = str(db)
     argv = [MCPMETER, "wrap", "--listen", "127.0.0.1:0", *flags, "--", PYTHON, str(HERE / "echo_server.py")]
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE)
-    assert proc.stderr is not None
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            line = proc.stderr.readline()
-            match = re.search(rb"listening on (http://\S+/mcp)", line)
-            if match:
-                break
-            if not line or time.monotonic() > deadline:
-                raise RuntimeError(f"mcpmeter did not start: {line!r}")
-        yield match.group(1).decode(), proc
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with process(argv, meter_env(db), pattern=LISTENING, stream="stderr", stop_timeout=60) as started:
+        yield started
 
 
 def server_processes(pid: int) -> int:
@@ -335,7 +314,7 @@ def server_processes(pid: int) -> int:
 
 def max_servers(flags: list[str]) -> int:
     """The wrapper's --max-servers: the flag's value when given, else the default."""
-    from mcpmeter.proxy.limits import ListenLimits
+    from mcpmeter.proxy.listen.limits import ListenLimits
 
     if "--max-servers" in flags:
         return int(flags[flags.index("--max-servers") + 1])
@@ -382,11 +361,7 @@ def main() -> int:
 
     ratio = abused["p99_ms"] / idle["p99_ms"]
     summary = {
-        "machine": {
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
-            "platform": platform.platform(),
-        },
+        "machine": machine(),
         "options": {k: str(v) for k, v in vars(options).items() if k != "abuse"},
         "idle": idle,
         "ramp": ramp,

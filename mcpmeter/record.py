@@ -44,7 +44,8 @@ class CallRecord(NamedTuple):
     """What the meter knows of one request once it is settled.
 
     ``ts`` is a POSIX timestamp (float seconds); the store formats it. The field order is
-    the column order of ``calls`` without ``id`` and ``hash``, which the store assigns.
+    the column order of ``calls`` without ``id`` and ``hash``, which the store assigns, then
+    ``args``; the last field, ``traceparent``, is never stored (see :data:`STORED_FIELDS`).
     """
 
     ts: float
@@ -74,11 +75,18 @@ class CallRecord(NamedTuple):
     protocol_version: str | None
     #: A redacted copy of the arguments, with ``wrap --record-args`` only. Not exported.
     args: str | None = None
+    #: The request's W3C ``traceparent`` when it was valid, for the OTLP exporter to parent
+    #: the span on (the row keeps only ``trace_id``). Travels with the record to the writer
+    #: and its exporter; never stored, spilled, hashed or exported as a column.
+    traceparent: str | None = None
 
 
-#: Columns the store inserts from a CallRecord (same order as the record's fields): the
-#: documented columns but ``id`` and ``hash``, then ``args``.
-INSERT_COLUMNS: tuple[str, ...] = CallRecord._fields
+#: How many leading fields of a CallRecord the store keeps: all but ``traceparent``.
+STORED_FIELDS = CallRecord._fields.index("traceparent")
+
+#: Columns the store inserts from a CallRecord (same order as the record's first
+#: :data:`STORED_FIELDS` fields): the documented columns but ``id`` and ``hash``, then ``args``.
+INSERT_COLUMNS: tuple[str, ...] = CallRecord._fields[:STORED_FIELDS]
 
 
 _last_second: list[tuple[int, str]] = [(-1, "")]

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import sqlite3
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import anyio
 import pytest
 
 from mcpmeter.record import CallRecord
@@ -20,6 +23,11 @@ SERVERS = Path(__file__).resolve().parent / "servers"
 PYTHON = sys.executable
 #: The console script installed in the virtual environment the tests run from.
 MCPMETER = str(Path(sys.executable).with_name("mcpmeter"))
+#: How long :func:`eventually` waits unless told, and how often it looks.
+EVENTUALLY_S = 30.0
+POLL_S = 0.01
+
+T = TypeVar("T")
 
 
 @pytest.fixture(autouse=True)
@@ -108,3 +116,56 @@ def store_locked(db: Path) -> Iterator[None]:
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+
+
+# -- bounded waits for what nothing announces (a row committed, a process gone, a screen drawn) --
+
+
+def _not_within(what: str, within: float, last_seen: Callable[[], object] | None) -> AssertionError:
+    message = f"not within {within} s: {what}"
+    if last_seen is not None:
+        message += f"; last seen:\n{last_seen()}"
+    return AssertionError(message)
+
+
+def eventually(
+    condition: Callable[[], T],
+    what: str,
+    within: float = EVENTUALLY_S,
+    *,
+    poll: float = POLL_S,
+    last_seen: Callable[[], object] | None = None,
+) -> T:
+    """Poll ``condition()`` until it returns something true, and return that; fail after
+    ``within`` seconds saying ``what`` was awaited (and ``last_seen()``, if given).
+
+    For what no pipe, event or lock reports; the sleep is the poll period, never a
+    synchronisation. In async tests use :func:`eventually_async`, which lets the loop run.
+    """
+    deadline = time.monotonic() + within
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise _not_within(what, within, last_seen)
+        time.sleep(poll)
+    return value
+
+
+async def eventually_async(
+    condition: Callable[[], T] | Callable[[], Awaitable[T]],
+    what: str,
+    within: float = EVENTUALLY_S,
+    *,
+    poll: float = POLL_S,
+    last_seen: Callable[[], object] | None = None,
+) -> T:
+    """:func:`eventually` for async tests: the event loop runs between polls, ``condition``
+    may be a coroutine function, and a condition that hangs is cut off at the deadline too."""
+    with anyio.move_on_after(within):
+        while True:
+            value = condition()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return value  # type: ignore[return-value]
+            await anyio.sleep(poll)
+    raise _not_within(what, within, last_seen)

@@ -23,8 +23,10 @@ from mcp import Client, StdioServerParameters
 from stores import BACKENDS, Backend, make_backend
 
 from mcpmeter.errors import UsageError
-from mcpmeter.metering.budget import Budget, BudgetGate, reserve, window
+from mcpmeter.metering.budget import Budget, reserve, window
+from mcpmeter.metering.gate import Budgets
 from mcpmeter.metering.tags import Tenant
+from mcpmeter.protocol.frame import Frame
 from mcpmeter.store import SQLiteStore
 
 RAW = str(SERVERS / "raw_server.py")
@@ -423,8 +425,8 @@ def test_a_call_before_the_server_is_named_reserves_its_tools_worst_price_and_se
         assert cli("prices", "set", "tool", pattern, "--per-call", price, "--db", db).returncode == 0
     server: list[str | None] = [None]
     tenant = Tenant(project_id="acme", agent_id="bot", session_id="s-1", tags={})
-    gate = BudgetGate(
-        lambda: SQLiteStore(db),
+    budgets = Budgets(lambda: SQLiteStore(db))
+    gate = budgets.gate(
         tenant,
         inject=lambda frame: None,
         budgets=[Budget("session", "s-1", limit_usd=1.0)],
@@ -437,10 +439,10 @@ def test_a_call_before_the_server_is_named_reserves_its_tools_worst_price_and_se
 
     try:
         gate.refresh(store)
-        assert gate.check(call(1, "lookup")[:-1]) is None
+        assert gate.check(Frame(call(1, "lookup")[:-1], "c2s", 0.0)) is None
         assert spent() == pytest.approx(0.03)  # the most "lookup" costs on any server
         server[0] = "raw-server"
-        assert gate.check(call(2, "lookup")[:-1]) is None
+        assert gate.check(Frame(call(2, "lookup")[:-1], "c2s", 0.0)) is None
         assert spent() == pytest.approx(0.04)
         rows = [
             call_record(
@@ -448,10 +450,10 @@ def test_a_call_before_the_server_is_named_reserves_its_tools_worst_price_and_se
             )
             for i in (1, 2)
         ]
-        gate.settle(store, rows)
+        budgets.after_write(store, rows)  # as the audit writer does once the rows are written
         assert spent() == pytest.approx(0.02)  # what the real price did not use, given back
     finally:
-        gate.close()
+        budgets.close()
 
 
 # -- the gate never changes a byte it lets through -------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 import anyio
 import psycopg
 import pytest
-from conftest import MCPMETER, PYTHON, SERVERS, read_rows, store_locked
+from conftest import MCPMETER, PYTHON, SERVERS, eventually, read_rows, store_locked
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mcp import Client, StdioServerParameters, types
@@ -331,10 +331,7 @@ def count_rows(url: str) -> int:
 
 def wait_for_rows(url: str, n: int) -> None:
     """Until the writer has committed ``n`` rows (bounded)."""
-    deadline = time.monotonic() + 30
-    while count_rows(url) < n:
-        assert time.monotonic() < deadline, f"fewer than {n} rows after 30 s"
-        time.sleep(0.05)
+    eventually(lambda: count_rows(url) >= n, f"{n} rows committed", 30, poll=0.05)
 
 
 class Session:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,7 @@ import anyio
 import pytest
 from anyio.abc import Process
 from anyio.streams.buffered import BufferedByteReceiveStream
-from conftest import MCPMETER, PYTHON, SERVERS, read_rows
+from conftest import MCPMETER, PYTHON, SERVERS, eventually_async, read_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -152,14 +152,6 @@ def group_members(pgid: int) -> list[int]:
     return members
 
 
-async def until(condition: Callable[[], object], what: str, within: float = 5.0) -> None:
-    """Poll ``condition()`` until true (for what no pipe reports, such as a process dying)."""
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {within} s: {what}"
-        await anyio.sleep(0.01)
-
-
 def one_line(stderr: bytes) -> str:
     text = stderr.decode()
     assert text.endswith("\n") and text.count("\n") == 1, text
@@ -273,7 +265,7 @@ async def test_when_mcpmeter_is_killed_outright_the_server_dies_with_it(meter_en
             me = (await proxy.ask(tool_call(1, "whoami")))["result"]
             os.kill(proxy.pid, signal.SIGKILL)
             assert await proxy.wait() == -signal.SIGKILL
-        await until(lambda: not alive(me["pid"]), "the server died with mcpmeter")
+        await eventually_async(lambda: not alive(me["pid"]), "the server died with mcpmeter", within=5.0)
 
 
 # -- the server ending ---------------------------------------------------------------------
@@ -325,7 +317,9 @@ async def test_after_mcpmeter_exits_no_process_of_the_servers_group_remains(
             assert set(group_members(me["pgid"])) == {me["pid"], child}
             await proxy.close_stdin()
             assert await proxy.wait() == 4
-        await until(lambda: not group_members(me["pgid"]), "the server's group is empty", within=2.0)
+        await eventually_async(
+            lambda: not group_members(me["pgid"]), "the server's group is empty", within=2.0
+        )
 
 
 @linux_only
@@ -337,7 +331,9 @@ async def test_a_grandchild_that_ignores_sigterm_does_not_outlive_mcpmeter(meter
             await proxy.close_stdin()
             assert await proxy.wait() == 0
         try:
-            await until(lambda: not group_members(me["pgid"]), "the server's group is empty", within=3.0)
+            await eventually_async(
+                lambda: not group_members(me["pgid"]), "the server's group is empty", within=3.0
+            )
         finally:
             for pid in group_members(me["pgid"]):  # clean up after a failure
                 os.kill(pid, signal.SIGKILL)
@@ -356,7 +352,9 @@ async def test_a_grandchild_holding_the_servers_stdout_does_not_keep_mcpmeter_ru
                 12
             ):  # DRAIN_IDLE_S (2 s) and the group sweep, with room for a loaded machine
                 assert await proxy.wait() == 9
-        await until(lambda: not group_members(me["pgid"]), "the server's group is empty", within=2.0)
+        await eventually_async(
+            lambda: not group_members(me["pgid"]), "the server's group is empty", within=2.0
+        )
 
 
 # -- bytes ---------------------------------------------------------------------------------

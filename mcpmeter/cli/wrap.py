@@ -14,9 +14,11 @@ from typing import TYPE_CHECKING, NoReturn
 from mcpmeter.errors import UsageError
 
 if TYPE_CHECKING:
+    from mcpmeter.exporters.otel import OtlpConfig
     from mcpmeter.metering.budget import Budget
     from mcpmeter.metering.tags import Tenant
-    from mcpmeter.proxy.limits import ListenLimits
+    from mcpmeter.proxy.listen.limits import ListenLimits
+    from mcpmeter.proxy.runtime import Runtime
 
 DESCRIPTION = (
     "Run a stdio MCP server and relay its JSON-RPC frames unchanged, recording one audit row "
@@ -200,7 +202,7 @@ def _add_listen_limits(parser: argparse.ArgumentParser) -> None:
 
 def _listen_limits(options: argparse.Namespace) -> ListenLimits:
     """The limits given, checked, over the defaults of ListenLimits."""
-    from mcpmeter.proxy.limits import ListenLimits, parse_size
+    from mcpmeter.proxy.listen.limits import ListenLimits, parse_size
 
     given: dict[str, float | int] = {}
     for flag, field, _, _, _ in _LIMIT_FLAGS:
@@ -301,49 +303,32 @@ def main(args: list[str]) -> int:
         cmd = cmd[1:]
     _check(options, cmd)
     _check_budget_options(options)
-    _configure_otlp(options.otlp_endpoint)
+    otlp = _otlp_config(options.otlp_endpoint)
 
     from mcpmeter.metering.tags import resolve_tenant
 
     tenant = resolve_tenant(
         project=options.project, agent=options.agent, session=options.session, tags=options.tag
     )
+    # The composition root: what every mode shares, built once (no thread starts yet).
+    from mcpmeter.proxy.runtime import GateSettings, Runtime
+
+    runtime = Runtime(
+        options.db, otlp=otlp, alert_webhook=options.alert_webhook, record_args=options.record_args
+    )
     if options.listen is not None:
-        return _listen(options, cmd, tenant)
+        return _listen(options, cmd, tenant, runtime)
+    gates = GateSettings(_budgets(options, tenant), options.max_repeat, options.reject_as)
     if options.url is not None:
-        from mcpmeter.proxy.http_client import UrlOptions, parse_headers, run_url
+        from mcpmeter.proxy.http_upstream import parse_headers
+        from mcpmeter.proxy.url import UrlOptions, run_url
 
         headers = parse_headers(options.header)
-        return run_url(
-            UrlOptions(
-                url=options.url,
-                tenant=tenant,
-                transport=options.transport,
-                headers=headers,
-                db=options.db,
-                record_args=options.record_args,
-                budgets=_budgets(options, tenant),
-                max_repeat=options.max_repeat,
-                reject_as=options.reject_as,
-                alert_webhook=options.alert_webhook,
-            )
-        )
+        return run_url(UrlOptions(options.url, tenant, options.transport, headers, gates), runtime)
 
     from mcpmeter.proxy.stdio import WrapOptions, run_wrap
 
-    return run_wrap(
-        WrapOptions(
-            argv=cmd,
-            tenant=tenant,
-            db=options.db,
-            kill_after=options.kill_after,
-            record_args=options.record_args,
-            budgets=_budgets(options, tenant),
-            max_repeat=options.max_repeat,
-            reject_as=options.reject_as,
-            alert_webhook=options.alert_webhook,
-        )
-    )
+    return run_wrap(WrapOptions(cmd, tenant, options.kill_after, gates), runtime)
 
 
 _OTLP_ENDPOINT_VARS = (
@@ -353,8 +338,8 @@ _OTLP_ENDPOINT_VARS = (
 )
 
 
-def _configure_otlp(endpoint: str | None) -> None:
-    """Turn on OTLP export for this process when the flag or the standard env vars ask for it.
+def _otlp_config(endpoint: str | None) -> OtlpConfig | None:
+    """Where to export spans and metrics, when the flag or the standard env vars ask for it.
 
     Without either, nothing of it is imported. A bad URL in the flag is a usage error; in the
     env vars (perhaps meant for another program) it is one warning, and no export.
@@ -362,7 +347,7 @@ def _configure_otlp(endpoint: str | None) -> None:
     import os
 
     if endpoint is None and not any(os.environ.get(name) for name in _OTLP_ENDPOINT_VARS):
-        return
+        return None
     from mcpmeter.exporters.otel import config_from
 
     try:
@@ -373,11 +358,8 @@ def _configure_otlp(endpoint: str | None) -> None:
         from mcpmeter.log import warn
 
         warn(f"{exc}; not exporting to OTLP")
-        return
-    if config is not None:
-        from mcpmeter.proxy.stdio import export_to_otlp
-
-        export_to_otlp(config)
+        return None
+    return config
 
 
 def _check(options: argparse.Namespace, cmd: list[str]) -> None:
@@ -411,11 +393,12 @@ def _check(options: argparse.Namespace, cmd: list[str]) -> None:
         raise UsageError("wrap: --batch-timeout must be a positive number of seconds")
 
 
-def _listen(options: argparse.Namespace, cmd: list[str], tenant: Tenant) -> int:
+def _listen(options: argparse.Namespace, cmd: list[str], tenant: Tenant, runtime: Runtime) -> int:
     import os
 
-    from mcpmeter.proxy.http_client import parse_headers
-    from mcpmeter.proxy.http_server import BATCH_TIMEOUT_S, ListenOptions, parse_listen, run_listen
+    from mcpmeter.proxy.http_upstream import parse_headers
+    from mcpmeter.proxy.listen.options import BATCH_TIMEOUT_S, ListenOptions, parse_listen
+    from mcpmeter.proxy.listen.serve import run_listen
 
     host, port = parse_listen(options.listen)
     return run_listen(
@@ -432,14 +415,12 @@ def _listen(options: argparse.Namespace, cmd: list[str], tenant: Tenant) -> int:
             trust_tag_headers=options.trust_tag_headers,
             auth_token=options.auth_token or os.environ.get("MCPMETER_AUTH_TOKEN") or None,
             allow_origins=tuple(options.allow_origin),
-            db=options.db,
             kill_after=options.kill_after,
-            record_args=options.record_args,
             budgets_for=lambda session_tenant: _budgets(options, session_tenant),
             max_repeat=options.max_repeat,
             reject_as=options.reject_as,
-            alert_webhook=options.alert_webhook,
             batch_timeout=options.batch_timeout or BATCH_TIMEOUT_S,
             limits=_listen_limits(options),
-        )
+        ),
+        runtime,
     )

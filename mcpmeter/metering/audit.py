@@ -31,9 +31,40 @@ if TYPE_CHECKING:
     from mcpmeter.store.base import Store
 
 #: Fills ``cost_usd`` on a batch of records (see :func:`mcpmeter.prices.tool_pricer`).
-__all__ = ["AuditWriter", "BatchExporter", "Pricer", "recover_spill", "spill_locations", "spill_path_for"]
+__all__ = [
+    "AuditWriter",
+    "BatchExporter",
+    "Exporting",
+    "Pricer",
+    "WriterListener",
+    "recover_spill",
+    "spill_locations",
+    "spill_path_for",
+]
 
 Pricer = Callable[[Sequence[CallRecord]], Sequence[CallRecord]]
+
+
+class WriterListener:
+    """Told what the audit writer does, on the writer's thread. Each method must return
+    quickly (slow work goes to a queue of the listener's own); an exception is reported
+    once on stderr and never stops the writer. The defaults do nothing.
+    """
+
+    def on_tick(self, store: Store) -> None:
+        """The store is open (after each batch, and every interval when idle)."""
+
+    def on_unavailable(self) -> None:
+        """The store cannot be opened (the rows go to the spill)."""
+
+    def after_write(self, store: Store, records: Sequence[CallRecord]) -> None:
+        """A batch was committed to the store."""
+
+    def on_batch(self, records: Sequence[CallRecord]) -> None:
+        """A batch was handled, priced, whether stored or spilled."""
+
+    def close(self) -> None:
+        """The writer has stopped: no more calls follow."""
 
 
 class BatchExporter(Protocol):
@@ -46,6 +77,19 @@ class BatchExporter(Protocol):
     def submit(self, records: Sequence[CallRecord]) -> None: ...
 
     def close(self) -> None: ...
+
+
+class Exporting(WriterListener):
+    """Hands every batch to an exporter (spans and metrics), and closes it with the writer."""
+
+    def __init__(self, exporter: BatchExporter) -> None:
+        self._exporter = exporter
+
+    def on_batch(self, records: Sequence[CallRecord]) -> None:
+        self._exporter.submit(records)
+
+    def close(self) -> None:
+        self._exporter.close()
 
 
 DEFAULT_INTERVAL_S = 0.05
@@ -83,16 +127,11 @@ class AuditWriter:
         interval: float = DEFAULT_INTERVAL_S,
         max_batch: int = DEFAULT_MAX_BATCH,
         pricer: Callable[[Store], Pricer] | None = None,
-        on_tick: Callable[[Store], None] | None = None,
-        on_unavailable: Callable[[], None] | None = None,
-        after_write: Callable[[Store, Sequence[CallRecord]], None] | None = None,
-        exporter: BatchExporter | None = None,
+        listeners: Sequence[WriterListener] = (),
         max_held: int = MAX_HELD_ROWS,
     ) -> None:
-        self._exporter = exporter
-        self._on_tick = on_tick
-        self._on_unavailable = on_unavailable
-        self._after_write = after_write
+        #: Told of ticks, batches and the end (budgets, exporters).
+        self._listeners = tuple(listeners)
         self._open_store = open_store
         self._pricer_factory = pricer
         self._price: Pricer | None = None
@@ -152,9 +191,12 @@ class AuditWriter:
         elif self._store is not None:
             self._store.close()
             self._store = None
-        if self._exporter is not None:
-            self._exporter.close()
-            self._exporter = None
+        listeners, self._listeners = self._listeners, ()
+        for listener in listeners:
+            try:
+                listener.close()
+            except Exception as exc:
+                warn_once("listener-close", f"{type(listener).__name__} failed to close: {exc}")
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait for the thread to end (after :meth:`close` gave up on it); whether it did."""
@@ -225,24 +267,29 @@ class AuditWriter:
         """Periodic work for others that needs the store (budgets read which apply)."""
         if self._held:
             self._retry_held()
-        if self._on_tick is None:
+        store = self._store
+        if store is None:
+            self._unavailable()
             return
-        if self._store is None:
-            if self._on_unavailable is not None:
-                self._on_unavailable()
-            return
-        try:
-            self._on_tick(self._store)
-        except Exception as exc:
-            warn_once("tick", f"store check failed: {exc}")
+        for listener in self._listeners:
+            try:
+                listener.on_tick(store)
+            except Exception as exc:
+                warn_once("tick", f"store check failed: {exc}")
+
+    def _unavailable(self) -> None:
+        for listener in self._listeners:
+            try:
+                listener.on_unavailable()
+            except Exception as exc:
+                warn_once("unavailable", f"store fallback failed: {exc}")
 
     def _connect(self) -> None:
         try:
             self._store = self._open_store()
         except MeterError as exc:
             warn_once("store-open", f"{exc}; rows go to the spill file until it can be written")
-            if self._on_unavailable is not None:
-                self._on_unavailable()
+            self._unavailable()
             return
         self._recover_spill()
         self._tick()
@@ -312,9 +359,9 @@ class AuditWriter:
             self._unresolved.clear()
             if self._held:
                 self._requeue_held(committed)
-        if self._after_write is not None:
+        for listener in self._listeners:
             try:
-                self._after_write(store, batch.records)
+                listener.after_write(store, batch.records)
             except Exception as exc:
                 warn_once("after-write", f"cannot settle budgets: {exc}")
         if self._needs_recovery:  # the store is back: load what was spilled
@@ -336,9 +383,9 @@ class AuditWriter:
                 self._hold(number, batch.records)
 
     def _export(self, batch: Sequence[CallRecord]) -> None:
-        if self._exporter is not None:
+        for listener in self._listeners:
             try:
-                self._exporter.submit(batch)
+                listener.on_batch(batch)
             except Exception as exc:
                 warn_once("export", f"cannot export spans: {exc}")
 

@@ -1,12 +1,10 @@
-"""The store side of ``mcpmeter budget set/show/reset``."""
+"""The store side of ``mcpmeter budget set/show/reset``: a budget stored, its spend reset, the lines
+``budget show`` renders (:mod:`mcpmeter.cli.commands.budget` draws them)."""
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
-
-import msgspec
 
 from mcpmeter.errors import UsageError
 from mcpmeter.metering.budget import PERIODS, SCOPES, Budget, count_problem, llm_spend, usd_problem, window
@@ -51,6 +49,8 @@ def set_budget(
 
 
 def reset_budget(db: str | None, scope: str, subject: str, *, delete: bool) -> None:
+    """Start the current window of one subject's budget over (its spend and warnings gone);
+    with ``delete``, remove the budget too."""
     store = open_store(resolve_db(db), create=False)
     try:
         with store.transaction():
@@ -116,43 +116,3 @@ def budget_lines(db: str | None, now: float | None = None) -> list[dict[str, Any
         return lines
     finally:
         store.close()
-
-
-def render_budgets(lines: list[dict[str, Any]], fmt: str) -> None:
-    if fmt == "json":
-        sys.stdout.write(msgspec.json.encode(lines).decode() + "\n")
-        return
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    from mcpmeter.output.terminal import printable
-
-    def cell(value: object) -> Text:  # stored names are data: never markup, never escapes
-        return Text(printable(str(value)))
-
-    table = Table(title="budgets", title_justify="left")
-    for column in ("scope", "subject", "window", "limit", "spent", "used", "resets at", "set by"):
-        table.add_column(column, justify="right" if column in ("limit", "spent", "used") else "left")
-    for line in lines:
-        limit = " + ".join(
-            part
-            for part in (
-                f"${line['limit_usd']:.2f}" if line["limit_usd"] is not None else "",
-                f"{line['limit_calls']} calls" if line["limit_calls"] is not None else "",
-            )
-            if part
-        )
-        used = line["used"]
-        colour = "red" if used >= 1 else "yellow" if used >= 0.8 else "green"
-        table.add_row(
-            line["scope"],
-            cell(line["subject"]),
-            line["window"],
-            limit,
-            f"${line['spent_usd']:.4f} / {line['calls']} calls",
-            f"[{colour}]{used:.0%}[/{colour}]",
-            line["resets_at"] or "never",
-            cell(line["source"]),
-        )
-    Console().print(table)

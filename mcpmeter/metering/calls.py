@@ -33,25 +33,10 @@ import msgspec
 
 from mcpmeter.metering.redact import redacted_json, scrub_text
 from mcpmeter.metering.tags import Tenant
-from mcpmeter.protocol.envelope import (
-    UNSET,
-    Buffer,
-    DecodeError,
-    Error,
-    Message,
-    Params,
-    Result,
-    ValidationError,
-    arguments_of,
-    decode_batch,
-    decode_message,
-    read_batch,
-    read_envelope,
-)
+from mcpmeter.protocol.envelope import UNSET, Buffer, DecodeError, Error, Message, Params, Result, valid_id
+from mcpmeter.protocol.frame import BATCH, C2S, MESSAGE, NOT_JSON, NOT_JSONRPC, S2C, Frame
 from mcpmeter.record import CallRecord
 
-C2S = "c2s"
-S2C = "s2c"
 _OPPOSITE = {C2S: S2C, S2C: C2S}
 
 _CLIENT_INFO = "io.modelcontextprotocol/clientInfo"
@@ -65,28 +50,11 @@ _MAX_ERROR_MESSAGE = 512
 #: cut before its ``@`` would no longer look like one and leak the start of its password).
 _SCRUB_WINDOW = 4 * _MAX_ERROR_MESSAGE
 _HEX = frozenset("0123456789abcdef")
-_WHITESPACE = frozenset(b" \t\r\n")
 #: Responses metered before their request (or never claimed) kept at most.
 _MAX_ORPHANS = 1024
-#: Frames that cannot be JSON-RPC are parsed only up to this size, to count them right.
-_CLASSIFY_LIMIT = 1 << 16
 decode_json = msgspec.json.decode
 #: Builds a CallRecord from a tuple without NamedTuple's Python-level ``__new__``.
 _new_record = tuple.__new__
-
-#: The ``traceparent`` of each settled traced request, for the OTLP exporter to parent its
-#: span on (the row keeps only the trace id). None, and never filled, unless an exporter
-#: turns it on (:func:`keep_traceparents`); the exporter pops what it reads. Keyed by the
-#: record's ``(session_id, direction, jsonrpc_id, ts)``.
-traceparents: dict[tuple[str, str, str, float], str] | None = None
-
-
-def keep_traceparents() -> dict[tuple[str, str, str, float], str]:
-    """Start keeping the ``traceparent`` of traced requests (every meter of the process)."""
-    global traceparents
-    if traceparents is None:
-        traceparents = {}
-    return traceparents
 
 
 class Peers:
@@ -169,14 +137,6 @@ class _Pending:
         self.args: str | None = None
 
 
-def frame_size(line: Buffer) -> int:
-    """Bytes of a frame on the wire, its line ending (``\\n`` or ``\\r\\n``) excluded."""
-    n = len(line)
-    if n and line[n - 1] == 0x0D:
-        return n - 1
-    return n
-
-
 def _is_hex(text: str, length: int) -> bool:
     return len(text) == length and set(text) <= _HEX
 
@@ -229,36 +189,12 @@ def request_id_of(meta: dict[str, Any]) -> str | None:
     return baggage_member(meta.get("baggage"), "request_id")
 
 
-def _first_byte(line: Buffer) -> int | None:
-    """The first byte that is not JSON whitespace, or None for a blank frame."""
-    for i in range(len(line)):
-        byte = line[i]
-        if byte not in _WHITESPACE:
-            return byte
-    return None
-
-
 def _seen(p: _Pending) -> float:
     return p.seen
 
 
-def _read_deep(frame: Buffer) -> Message | None:
-    """The envelope of a frame nested too deeply for msgspec, read without recursing; None
-    when even that cannot be read (then it counts as not JSON, like any junk line)."""
-    try:
-        return read_envelope(frame)[0]
-    except (DecodeError, UnicodeDecodeError):
-        return None
-
-
 def _valid_code(code: object) -> bool:
     return isinstance(code, int) and not isinstance(code, bool)
-
-
-def _valid_id(rpc_id: object) -> bool:
-    """JSON-RPC ids are strings or numbers (``true`` is not ``1``)."""
-    kind = type(rpc_id)
-    return kind is int or kind is str or kind is float
 
 
 def _text(value: object) -> str | None:
@@ -287,7 +223,6 @@ class CallMeter:
         self._sink = sink
         #: ``wrap --record-args``: keep a redacted copy of tools/call and prompts/get arguments.
         self._record_args = record_args
-        self._frame: Buffer = b""
         self._project_id = tenant.project_id
         self._agent_id = tenant.agent_id
         self._session_id = tenant.session_id
@@ -314,70 +249,32 @@ class CallMeter:
 
     def on_frame(self, direction: str, line: Buffer, seen: float) -> None:
         """One complete frame (without its ``\\n``) seen travelling ``direction`` at ``seen``."""
+        self.seen(Frame(line, direction, seen))
+
+    def seen(self, frame: Frame) -> None:
+        """One complete frame, after (or, on HTTP, as) it is forwarded; decoded at most once
+        whoever else reads it."""
         stats = self.stats
         stats.frames += 1
-        size = len(line)
-        if size and line[size - 1] == 0x0D:  # frame_size(), inlined: this runs per frame
-            size -= 1
-        first = line[0] if size and line[0] not in _WHITESPACE else _first_byte(line)
-        if first == 0x7B:  # "{"
-            if self._record_args:
-                self._frame = line
-            try:
-                message = decode_message(line)
-            except ValidationError:
-                stats.not_jsonrpc += 1
-                return
-            except (DecodeError, UnicodeDecodeError):  # invalid UTF-8 is not JSON either
-                stats.not_json += 1
-                return
-            except RecursionError:  # nested too deeply for msgspec: the bounded reader
-                deep = _read_deep(line)
-                if deep is None:
-                    stats.not_json += 1
-                    return
-                message = deep
-            self._on_message(direction, message, size, seen)
-        elif first == 0x5B:  # "[": a JSON-RPC batch, each member metered with its own bytes
-            members: list[msgspec.Raw] | list[memoryview]
-            try:
-                members = decode_batch(line)
-            except (DecodeError, ValidationError, UnicodeDecodeError):
-                stats.not_json += 1
-                return
-            except RecursionError:
-                try:
-                    members = read_batch(line)
-                except DecodeError:
-                    stats.not_json += 1
-                    return
-            if not members:
-                stats.not_jsonrpc += 1
-            for raw in members:
-                try:
-                    member = decode_message(raw)
-                except (DecodeError, ValidationError, UnicodeDecodeError):
+        kind = frame.kind
+        if kind is MESSAGE:
+            message = frame.message
+            assert message is not None
+            self._on_message(frame.direction, message, frame.size, frame.seen)
+        elif kind is BATCH:
+            direction = frame.direction
+            seen = frame.seen
+            for raw, member in frame.members:
+                if member is None:
                     stats.not_jsonrpc += 1
-                    continue
-                except RecursionError:
-                    deep = _read_deep(raw)
-                    if deep is None:
-                        stats.not_jsonrpc += 1
-                        continue
-                    member = deep
-                if self._record_args:
-                    self._frame = bytes(raw)
-                self._on_message(direction, member, len(raw), seen)
-        elif first is None:
-            stats.blank += 1
-        elif size <= _CLASSIFY_LIMIT:
-            try:
-                decode_json(line)  # a JSON scalar is JSON, just not JSON-RPC
-                stats.not_jsonrpc += 1
-            except (DecodeError, UnicodeDecodeError):
-                stats.not_json += 1
-        else:
+                else:
+                    self._on_message(direction, member, len(raw), seen)
+        elif kind is NOT_JSONRPC:
+            stats.not_jsonrpc += 1
+        elif kind is NOT_JSON:
             stats.not_json += 1
+        else:
+            stats.blank += 1
 
     def close(self) -> None:
         """The stream ended: every request still waiting becomes a ``no_response`` row."""
@@ -417,7 +314,7 @@ class CallMeter:
 
     def _on_request(self, direction: str, msg: Message, method: str, size: int, seen: float) -> None:
         rpc_id = msg.id
-        if not _valid_id(rpc_id):
+        if not valid_id(rpc_id):
             self.stats.not_jsonrpc += 1
             return
         self.stats.requests += 1
@@ -428,8 +325,8 @@ class CallMeter:
                 p.tool = _text(params.name)
                 if self._record_args:
                     try:
-                        p.args = redacted_json(arguments_of(self._frame))
-                    except RecursionError:  # too deeply nested to copy: the row goes without
+                        p.args = redacted_json(decode_json(params.arguments))
+                    except (DecodeError, RecursionError):  # too deep to copy: the row goes without
                         p.args = None
             elif method in _URI_METHODS:
                 p.tool = _text(params.uri)
@@ -520,7 +417,7 @@ class CallMeter:
         if not isinstance(params, Params):
             return
         rpc_id = params.requestId
-        if not _valid_id(rpc_id):
+        if not valid_id(rpc_id):
             return
         p = self._next((direction, rpc_id))
         if p is not None:
@@ -529,7 +426,7 @@ class CallMeter:
     def _on_response(self, direction: str, msg: Message, size: int, seen: float) -> None:
         self.stats.responses += 1
         rpc_id = msg.id
-        if not _valid_id(rpc_id):
+        if not valid_id(rpc_id):
             self.stats.unmatched_responses += 1
             return
         key = (_OPPOSITE[direction], rpc_id)
@@ -537,6 +434,8 @@ class CallMeter:
         if p is None:
             # Unknown id, or a response metered before its request (the two directions run
             # in two threads): keep it briefly for the request to claim.
+            if isinstance(msg.params, Params):  # kept past the frame: no view of its bytes
+                msg.params = None
             self._keep_orphan(key, (seen, size, msg))
             return
         if self._later:
@@ -592,7 +491,7 @@ class CallMeter:
         The refused request is the newest with that id: the caller meters each request
         before it asks about it, and reports a refusal before metering the next frame.
         """
-        if not _valid_id(rpc_id):
+        if not valid_id(rpc_id):
             return
         key = (direction, rpc_id)
         later = self._later.get(key) if self._later else None
@@ -623,8 +522,6 @@ class CallMeter:
         error_code: int | None,
         error_message: str | None,
     ) -> None:
-        if p.traceparent is not None and traceparents is not None:  # for the OTLP exporter
-            traceparents[(self._session_id, p.direction, p.jsonrpc_id, p.ts)] = p.traceparent
         tool = p.tool
         uri = tool is not None and p.method in _URI_METHODS
         if uri or error_message is not None:
@@ -665,6 +562,7 @@ class CallMeter:
                     peers.server_version,
                     p.protocol_version or peers.protocol_version,
                     p.args,
+                    p.traceparent,  # set only when valid; for the OTLP exporter, never stored
                 ),
             )
         )

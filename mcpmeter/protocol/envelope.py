@@ -1,11 +1,14 @@
 """The JSON-RPC envelope, decoded without the payload.
 
-The meter needs a handful of fields: the id, the method, the tool name or URI, ``_meta``,
-``isError``, the error code and message, and the handshake's peer info. These structs name
-only those; msgspec skips everything else (tool arguments, results, 10 MB of content)
-while validating it, without building Python objects for it. That is several times faster
-than a full parse on small frames and orders of magnitude faster on large structured
-results, and it keeps memory flat: a result's payload is never materialised. Arguments and
+Everything that reads a frame reads this one envelope, decoded once per frame (see
+:class:`mcpmeter.protocol.frame.Frame`): the meter needs the id, the method, the tool name
+or URI, ``_meta``, ``isError``, the error code and message and the handshake's peer info;
+the budget gate the raw arguments; the HTTP routing and the id rewriter the progress token
+and the cancelled request's id. These structs name only those; msgspec skips everything
+else (results, 10 MB of content) while validating it, without building Python objects for
+it, and keeps the arguments as a view of their bytes. That is several times faster than a
+full parse on small frames and orders of magnitude faster on large structured results, and
+it keeps memory flat: a result's payload is never materialised. Arguments and
 results never become Python objects, let alone rows.
 
 Every field is optional and loosely typed: a frame that is valid JSON always decodes, and
@@ -39,6 +42,10 @@ Buffer = bytes | bytearray | memoryview
 MAX_DEPTH = 512
 
 
+#: ``params.arguments`` of a message that has none.
+NO_ARGUMENTS = msgspec.Raw(b"null")
+
+
 class Params(msgspec.Struct):
     name: Any = None
     uri: Any = None
@@ -46,6 +53,11 @@ class Params(msgspec.Struct):
     protocolVersion: Any = None
     clientInfo: Any = None
     requestId: Any = None
+    progressToken: Any = None
+    #: The arguments' exact bytes, a view of the frame (never decoded here: a 200 MB
+    #: argument stays the frame's 200 MB). The loop guard hashes them; ``--record-args``
+    #: decodes them. Whoever keeps a message beyond the frame's life must drop them.
+    arguments: msgspec.Raw = NO_ARGUMENTS
 
 
 class Result(msgspec.Struct):
@@ -70,24 +82,14 @@ class Message(msgspec.Struct):
     error: Error | list[Any] | _Scalar | msgspec.UnsetType = UNSET
 
 
-class _ArgumentsParams(msgspec.Struct):
-    arguments: Any = None
-
-
-class _ArgumentsMessage(msgspec.Struct):
-    params: _ArgumentsParams | list[Any] | _Scalar = None
+def valid_id(value: object) -> bool:
+    """JSON-RPC ids are strings or numbers (``true`` is not ``1``)."""
+    kind = type(value)
+    return kind is int or kind is str or kind is float
 
 
 decode_message = msgspec.json.Decoder(Message).decode
 _decode_any = msgspec.json.decode
-#: Only for ``wrap --record-args``: a request's ``params.arguments``, decoded in full.
-_decode_arguments = msgspec.json.Decoder(_ArgumentsMessage).decode
-
-
-def arguments_of(frame: Buffer) -> Any:
-    """The ``params.arguments`` of a request frame (None if it has none)."""
-    params = _decode_arguments(frame).params
-    return params.arguments if isinstance(params, _ArgumentsParams) else None
 
 
 #: A batch: each member's exact bytes, decoded one by one (so each has a true size).
@@ -107,7 +109,9 @@ _SCALAR = re.compile(rb"[^,:\[\]{}\s\"]+")
 _CLOSERS = bytes.maketrans(b"[{", b"]}")
 #: Span of a value in the frame: (start, end, nesting depth; 0 for a scalar).
 _Span = tuple[int, int, int]
-_PARAMS = frozenset({"name", "uri", "_meta", "protocolVersion", "clientInfo", "requestId", "arguments"})
+_PARAMS = frozenset(
+    {"name", "uri", "_meta", "protocolVersion", "clientInfo", "requestId", "progressToken", "arguments"}
+)
 _RESULT = frozenset({"isError", "_meta", "serverInfo", "protocolVersion"})
 _ERROR = frozenset({"code", "message"})
 _TOP = frozenset({"id", "method", "params", "result", "error"})
@@ -232,8 +236,10 @@ def read_envelope(frame: Buffer) -> tuple[Message, tuple[int, int] | None]:
             if params is None:  # an array or a scalar: not the params the meter reads
                 message.params = _value(frame, span, [])
             else:
+                raw_arguments = NO_ARGUMENTS
                 if "arguments" in params:
                     arguments = params.pop("arguments")[:2]
+                    raw_arguments = msgspec.Raw(memoryview(frame)[arguments[0] : arguments[1]])
                 got = {name: _value(frame, member) for name, member in params.items()}
                 message.params = Params(
                     name=got.get("name"),
@@ -242,6 +248,8 @@ def read_envelope(frame: Buffer) -> tuple[Message, tuple[int, int] | None]:
                     protocolVersion=got.get("protocolVersion"),
                     clientInfo=got.get("clientInfo"),
                     requestId=got.get("requestId"),
+                    progressToken=got.get("progressToken"),
+                    arguments=raw_arguments,
                 )
         span = top.get("result")
         if span is not None:

@@ -2,8 +2,8 @@
 
 Routing a message over HTTP needs its kind, id, method, the name a 2026-07-28 request
 mirrors in ``Mcp-Name``, the protocol version in its ``_meta``, and a progress token. A
-:class:`Head` holds those, decoded with msgspec without building the payload (tool
-arguments and results are skipped, never materialised).
+:class:`Head` holds those, read from the frame's one decoded envelope
+(:class:`~mcpmeter.protocol.frame.Frame`), which the meter and the budget gate read too.
 
 Multiplexing several clients over one server rewrites request ids. :func:`member_span`
 finds the exact bytes of a top-level member's value, so an id is swapped in place and every
@@ -17,11 +17,12 @@ from __future__ import annotations
 import base64
 import binascii
 import re
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import msgspec
 
-UNSET = msgspec.UNSET
+from mcpmeter.protocol.envelope import UNSET, Error, Message, Params, Result, decode_message, valid_id
+from mcpmeter.protocol.frame import BATCH, MESSAGE, Frame, first_byte
 
 #: Protocol revisions negotiated with ``initialize`` (anything else on an HTTP request is
 #: the 2026-07-28 per-request envelope).
@@ -42,39 +43,8 @@ INVALID_REQUEST = -32600
 MAX_DEPTH = 512
 
 _WS = b" \t\r\n"
-_Scalar = str | int | float | bool | None
 
 
-class _Meta(msgspec.Struct):
-    protocolVersion: Any = msgspec.field(default=None, name=PROTOCOL_VERSION_KEY)
-    progressToken: Any = None
-
-
-class _Params(msgspec.Struct):
-    name: Any = None
-    uri: Any = None
-    meta: _Meta | list[Any] | _Scalar = msgspec.field(default=None, name="_meta")
-    requestId: Any = None
-    progressToken: Any = None
-
-
-class _Error(msgspec.Struct):
-    code: Any = None
-
-
-class _Result(msgspec.Struct):
-    protocolVersion: Any = None
-
-
-class _Message(msgspec.Struct):
-    id: Any = UNSET
-    method: Any = None
-    params: _Params | list[Any] | _Scalar = None
-    result: _Result | list[Any] | _Scalar | msgspec.UnsetType = UNSET
-    error: _Error | list[Any] | _Scalar | msgspec.UnsetType = UNSET
-
-
-_decode_message = msgspec.json.Decoder(_Message).decode
 _decode_members = msgspec.json.Decoder(dict[str, msgspec.Raw]).decode
 _decode_elements = msgspec.json.Decoder(list[msgspec.Raw]).decode
 _decode_str = msgspec.json.Decoder(str).decode
@@ -99,80 +69,65 @@ class Head(NamedTuple):
     result_version: str | None = None
 
 
-def _valid_id(value: object) -> bool:
-    kind = type(value)
-    return kind is int or kind is str or kind is float
-
-
 def id_key(value: object) -> tuple[str, object]:
     """A dict key for a JSON-RPC id: ``1`` and ``"1"`` differ, as they do on the wire."""
     return (type(value).__name__, value)
 
 
-def _head(msg: _Message) -> Head:
+def head_of(msg: Message | None) -> Head:
+    """The routing facts of one decoded message (:data:`OTHER` for a member that is none)."""
+    if msg is None:
+        return Head(OTHER)
     method = msg.method
     params = msg.params
     if isinstance(method, str):
         name = version = progress = cancelled = None
-        if isinstance(params, _Params):
+        if isinstance(params, Params):
             key = NAME_PARAMS.get(method)
             if key is not None:
                 value = params.name if key == "name" else params.uri
                 name = value if isinstance(value, str) else None
             meta = params.meta
-            if isinstance(meta, _Meta):
-                if isinstance(meta.protocolVersion, str):
-                    version = meta.protocolVersion
-                progress = meta.progressToken
+            if isinstance(meta, dict):
+                found = meta.get(PROTOCOL_VERSION_KEY)
+                if isinstance(found, str):
+                    version = found
+                progress = meta.get("progressToken")
             if method == "notifications/progress":
                 progress = params.progressToken
-            elif method == "notifications/cancelled" and _valid_id(params.requestId):
+            elif method == "notifications/cancelled" and valid_id(params.requestId):
                 cancelled = params.requestId
         if msg.id is not UNSET and msg.id is not None:
-            if not _valid_id(msg.id):
+            if not valid_id(msg.id):
                 return Head(OTHER)
             return Head(REQUEST, msg.id, method, name, version, progress)
         return Head(NOTIFICATION, None, method, name, version, progress, cancelled)
     if msg.id is not UNSET and (msg.result is not UNSET or msg.error is not UNSET):
         code = None
-        if isinstance(msg.error, _Error) and type(msg.error.code) is int:
+        if isinstance(msg.error, Error) and type(msg.error.code) is int:
             code = msg.error.code
         result_version = None
-        if isinstance(msg.result, _Result) and isinstance(msg.result.protocolVersion, str):
+        if isinstance(msg.result, Result) and isinstance(msg.result.protocolVersion, str):
             result_version = msg.result.protocolVersion
         return Head(RESPONSE, msg.id, error_code=code, result_version=result_version)
     return Head(OTHER)
 
 
-def first_byte(frame: bytes | bytearray) -> int | None:
-    for byte in frame:
-        if byte not in _WS:
-            return byte
-    return None
-
-
-def _member_head(raw: bytes | msgspec.Raw) -> Head:
-    try:
-        return _head(_decode_message(raw))
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return Head(OTHER)
-
-
-def heads(frame: bytes) -> list[Head]:
+def heads(frame: Frame) -> list[Head]:
     """One head per message: one for an object, one per member for a batch; none if not JSON.
 
-    A batch member that is not a JSON-RPC message (a number, a string, ``{}``) has a head of
-    kind ``other``, so the valid members of a batch keep theirs. Never raises: a frame nested
-    too deep for the decoder (RecursionError) has no heads, like any frame that is not JSON.
+    Read from the frame's one decoded envelope (the meter reads the same). A batch member
+    that is not a JSON-RPC message (a number, a string, ``{}``) has a head of kind
+    ``other``, so the valid members of a batch keep theirs. A frame nested too deeply for
+    the decoder has no heads, like any frame that is not JSON.
     """
-    first = first_byte(frame)
-    try:
-        if first == 0x7B:
-            return [_head(_decode_message(frame))]
-        if first == 0x5B:
-            return [_member_head(raw) for raw in _decode_elements(frame)]
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        pass
+    kind = frame.kind
+    if frame.deep:
+        return []
+    if kind is MESSAGE:
+        return [head_of(frame.message)]
+    if kind is BATCH:
+        return [head_of(member) for _raw, member in frame.members]
     return []
 
 
@@ -259,6 +214,13 @@ def _raw_id(message: bytes) -> bytes:
     start, end = spans["id"]
     raw = message[start:end]
     return raw if raw[:1] in b'"-0123456789' else b"null"
+
+
+def _member_head(raw: bytes) -> Head:
+    try:
+        return head_of(decode_message(raw))
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return Head(OTHER)
 
 
 def frame_members(frame: bytes) -> list[Member]:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import anyio
 from anyio.abc import TaskGroup
 
-from mcpmeter.protocol.frame import LineSplitter
+from mcpmeter.protocol.frame import S2C, Frame, LineSplitter
 from mcpmeter.protocol.rpc import one_line
 from mcpmeter.proxy.process import _parent_death_guard, group_alive, signal_group
 from mcpmeter.proxy.upstream import Deliver, UpstreamError
@@ -63,13 +63,13 @@ class ChildServer:
         self._stdin_open = True
         tg.start_soon(self._read)
 
-    async def send(self, frame: bytes) -> None:
+    async def send(self, frame: Frame) -> None:
         proc = self._proc
         if proc is None or proc.stdin is None or not self._stdin_open:
             raise UpstreamError("the server has exited")
         async with self._lock:
             try:
-                proc.stdin.write(one_line(frame) + b"\n")
+                proc.stdin.write(one_line(frame.tobytes()) + b"\n")
                 await proc.stdin.drain()
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise UpstreamError("the server has exited") from exc
@@ -90,7 +90,7 @@ class ChildServer:
                 else:
                     splitter.feed(chunk, seen)
                 for line in lines:
-                    await deliver(line, seen)
+                    await deliver(Frame(line, S2C, seen))
                 lines.clear()
                 if not chunk:
                     break

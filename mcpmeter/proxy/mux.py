@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 from anyio.abc import TaskGroup
 
+from mcpmeter.protocol.frame import Frame
 from mcpmeter.protocol.rpc import (
     NOTIFICATION,
     REQUEST,
@@ -59,7 +60,7 @@ class MuxChannel:
     def kind(self) -> str:
         return self._mux.kind
 
-    async def send(self, frame: bytes) -> None:
+    async def send(self, frame: Frame) -> None:
         if self.closed.is_set():
             raise UpstreamError("the server has exited")
         await self._mux.send(self, frame)
@@ -119,19 +120,22 @@ class Mux:
 
     # -- client -> server ------------------------------------------------------------------
 
-    async def send(self, channel: MuxChannel, frame: bytes) -> None:
+    async def send(self, channel: MuxChannel, frame: Frame) -> None:
         upstream = self._upstream
         if upstream is None:
             raise UpstreamError("the server has exited")
         await upstream.send(self._rewrite(channel, frame))
 
-    def _rewrite(self, channel: MuxChannel, frame: bytes) -> bytes:
-        hs = heads(frame)
+    def _rewrite(self, channel: MuxChannel, message: Frame) -> Frame:
+        """The frame with the ids of its requests (and of the requests it cancels) replaced
+        by the server-side ones; the same frame when there is nothing to replace."""
+        hs = heads(message)
         if not any(h.kind == REQUEST or h.cancelled_id is not None for h in hs):
-            return frame
+            return message
+        frame = message.tobytes()
         messages = message_spans(frame)
         if messages is None or len(messages) != len(hs):
-            return frame  # duplicate keys or the like: relayed as it is
+            return message  # duplicate keys or the like: relayed as it is
         replacements: list[tuple[int, int, bytes]] = []
         for head, (_, members) in zip(hs, messages, strict=True):
             if head.kind == REQUEST and "id" in members:
@@ -154,26 +158,27 @@ class Mux:
                 if upstream_id_or_none is not None and spans is not None and "requestId" in spans:
                     start, end = spans["requestId"]
                     replacements.append((start, end, str(upstream_id_or_none).encode()))
-        return splice(frame, replacements)
+        return Frame(splice(frame, replacements), message.direction, message.seen)
 
     # -- server -> client ------------------------------------------------------------------
 
-    async def _on_frame(self, frame: bytes, seen: float) -> None:
+    async def _on_frame(self, frame: Frame) -> None:
         hs = heads(frame)
         if hs and all(h.kind == RESPONSE for h in hs):
-            await self._on_answer(frame, seen, hs)
+            await self._on_answer(frame, hs)
             return
         target = self._route(hs)
         if target is not None:
-            await target.deliver(frame, seen)
+            await target.deliver(frame)
             return
         if any(h.kind == REQUEST for h in hs) or not self._channels:
             self.unrouted += 1
             return
         for channel in list(self._channels):  # a notification nobody asked for: to everyone
-            await channel.deliver(frame, seen)
+            await channel.deliver(frame)
 
-    async def _on_answer(self, frame: bytes, seen: float, hs: list[Head]) -> None:
+    async def _on_answer(self, message: Frame, hs: list[Head]) -> None:
+        frame = message.tobytes()
         messages = message_spans(frame)
         if messages is None or len(messages) != len(hs):
             self.unrouted += 1
@@ -196,7 +201,7 @@ class Mux:
             return
         if not owner.sent:
             owner.tokens.clear()
-        await owner.deliver(splice(frame, replacements), seen)
+        await owner.deliver(Frame(splice(frame, replacements), message.direction, message.seen))
 
     def _route(self, hs: list[Head]) -> MuxChannel | None:
         for head in hs:

@@ -9,8 +9,9 @@ stops the read. The meter runs under one lock per connection, after the write, s
 delays the bytes it looks at; settled records leave through the audit writer's queue.
 
 The one exception is the client->server pump while a budget or the loop guard applies
-(its :class:`Gate`): a call must be decided before any of it reaches the server, so that
+(its observers' gate): a call must be decided before any of it reaches the server, so that
 pump forwards client lines whole, each once its newline has come (see ``Pump._gated``).
+The rules every transport follows with its observers are in :mod:`mcpmeter.proxy.observers`.
 """
 
 from __future__ import annotations
@@ -23,25 +24,13 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from mcpmeter.log import warn_once
-from mcpmeter.metering.calls import CallMeter
 from mcpmeter.protocol.envelope import Buffer
-from mcpmeter.protocol.frame import LineSplitter
+from mcpmeter.protocol.frame import Frame, LineSplitter
+from mcpmeter.proxy.observers import Observers, may_be_call
 from mcpmeter.threads import quiet_thread
 
 #: Bytes asked for per read. Larger reads would allocate with mmap on every call.
 CHUNK = 1 << 16
-#: How a ``tools/call`` request's method is written, but for JSON escapes: a line may be one
-#: only if it has this, or an escape that could spell it (``\/`` or ``\u``).
-_CALL = b'"tools/call"'
-_ESCAPES = (b"\\/", b"\\u")
-
-
-def _may_be_call(data: bytes | bytearray, start: int = 0, end: int | None = None) -> bool:
-    """Whether ``data[start:end]`` may hold a ``tools/call`` (the gate decides if it does)."""
-    if end is None:
-        end = len(data)
-    return data.find(_CALL, start, end) >= 0 or any(data.find(e, start, end) >= 0 for e in _ESCAPES)
 
 
 class Endpoint(Protocol):
@@ -87,22 +76,6 @@ class FdEndpoint:
                 view = view[os.write(fd, view) :]
             except BlockingIOError:
                 select.select([], [fd], [])
-
-
-class Gate(Protocol):
-    """What a pump asks before forwarding a ``tools/call`` (see :mod:`mcpmeter.metering.budget`)."""
-
-    #: False while no budget or guard applies: the pump then forwards chunks untouched.
-    active: bool
-
-    def check(self, frame: Buffer) -> tuple[object, bytes] | None:
-        """(request id, answer frame) to refuse ``frame`` with, or None to forward it.
-
-        ``frame`` may be a view of the bytes read: nothing of it may be kept after the call.
-        """
-
-    def answer(self, frame: bytes) -> None:
-        """Send the client the proxy's own answer (between the server's frames)."""
 
 
 class ClientWriter:
@@ -159,30 +132,26 @@ class ClientWriter:
 
 
 class Tap:
-    """Cuts one direction's bytes into frames for the meter; isolates the meter's errors."""
+    """Cuts one direction's bytes into frames and shows each to the connection's observers."""
 
-    __slots__ = ("_direction", "_meter", "_splitter")
+    __slots__ = ("_seen", "_splitter", "direction", "observers")
 
-    def __init__(self, direction: str, meter: CallMeter) -> None:
-        self._direction = direction
-        self._meter = meter
+    def __init__(self, direction: str, observers: Observers) -> None:
+        self.direction = direction
+        self.observers = observers
+        self._seen = observers.seen  # isolates the meter's errors, frame by frame
         self._splitter = LineSplitter(self._on_line)
 
     def _on_line(self, line: Buffer, seen: float) -> None:
-        # Errors are caught per frame, so one bad frame never costs the frames after it.
-        try:
-            self._meter.on_frame(self._direction, line, seen)
-        except Exception as exc:  # a meter bug must never reach the relay
-            self._meter.stats.meter_errors += 1
-            warn_once("meter-error", f"metering error (frames still relayed): {exc!r}")
+        self._seen(Frame(line, self.direction, seen))
 
     def feed(self, data: bytes, seen: float) -> None:
         self._splitter.feed(data, seen)
 
-    def line(self, line: Buffer, seen: float) -> None:
-        """Meter one whole frame (without its ``\\n``) collected by the pump itself: a line
-        the gate held back, which the splitter never saw."""
-        self._on_line(line, seen)
+    def frame(self, frame: Frame) -> None:
+        """Show one whole frame the pump collected itself (a line the gate read), which the
+        splitter never saw."""
+        self._seen(frame)
 
     @property
     def mid_line(self) -> bool:
@@ -190,16 +159,12 @@ class Tap:
         return self._splitter.pending_bytes > 0
 
     def finish(self, seen: float) -> None:
-        """The stream ended: meter a last frame that had no newline."""
+        """The stream ended: a last frame that had no newline."""
         self._splitter.finish(seen)
 
     def refused(self, rpc_id: object, answer_bytes: int, seen: float) -> None:
-        """The request ``rpc_id`` (already fed) was answered by the proxy, not forwarded."""
-        try:
-            self._meter.on_refused(self._direction, rpc_id, answer_bytes, seen)
-        except Exception as exc:
-            self._meter.stats.meter_errors += 1
-            warn_once("meter-error", f"metering error (frames still relayed): {exc!r}")
+        """The request ``rpc_id`` (already shown) was answered by the proxy, not forwarded."""
+        self.observers.refused(self.direction, rpc_id, answer_bytes, seen)
 
 
 class Pump:
@@ -216,8 +181,8 @@ class Pump:
         source: Endpoint,
         sink: Endpoint,
         tap: Tap,
-        lock: threading.Lock,
         *,
+        gated: bool = False,
         on_eof: Callable[[], None] = lambda: None,
         on_sink_lost: Callable[[], None] = lambda: None,
         clock: Callable[[], float] = time.perf_counter,
@@ -229,13 +194,14 @@ class Pump:
         self.bytes = 0
         self.sink_lost = False
         self.done = threading.Event()
-        self._lock = lock
+        self._lock = tap.observers.lock
         self._on_eof = on_eof
         self._on_sink_lost = on_sink_lost
         self._clock = clock
         self._thread = threading.Thread(target=self._run, name=f"mcpmeter-{name}", daemon=True)
-        #: Decides, line by line, whether a tools/call may be forwarded (budgets, loop guard).
-        self.gate: Gate | None = None
+        #: Decides, line by line, whether a tools/call may be forwarded (budgets, loop guard):
+        #: the client->server pump's observers' gate.
+        self.gate = tap.observers.gate if gated else None
         #: The unfinished line the gate holds back (without its newline): the only copy.
         self._held = bytearray()
 
@@ -265,7 +231,7 @@ class Pump:
                 # held until complete, so a call split across reads (its method in the next
                 # chunk, or even cut in two) is still checked before any of it goes out.
                 if self._held or (
-                    gate is not None and gate.active and (data[-1] != 0x0A or _may_be_call(data))
+                    gate is not None and gate.active and (data[-1] != 0x0A or may_be_call(data))
                 ):
                     self._gated(data, seen)
                     continue
@@ -300,31 +266,35 @@ class Pump:
 
         A line is held back until its newline arrives (a call must not start reaching the
         server before it is allowed). It is collected in one bytearray, the frame's only
-        copy: the gate reads its envelope in place, the meter is handed the same buffer and
-        the splitter never sees it, so a 200 MB call costs about 200 MB. Lines that end in
-        this chunk are checked where they lie. Each refusal reaches the meter right after
-        the line it refuses (the meter settles the newest request of that id).
+        copy: the gate reads its envelope in place and the meter reads the same decoded
+        frame, so a 200 MB call costs about 200 MB and is decoded once. Lines that end in
+        this chunk are checked where they lie (a view, no copy), and each line the gate read
+        goes to the meter as that same frame; the other lines go through the splitter. Each
+        refusal reaches the meter right after the line it refuses (the meter settles the
+        newest request of that id).
         """
-        gate = self.gate
-        assert gate is not None
         tap = self.tap
+        observers = tap.observers
+        direction = tap.direction
         self.bytes += len(data)
         size = len(data)
         pos = 0  # where the next line starts
         out = 0  # data[out:pos] is let through and not written yet
-        done: bytearray | None = None  # the held line this chunk ends
+        done: Frame | None = None  # the held line this chunk ends
         done_verdict: tuple[object, bytes] | None = None
-        refused: list[tuple[int, tuple[object, bytes]]] = []  # (end in data, verdict)
+        #: (start, end past the newline, frame, verdict) of each line of this chunk the gate read.
+        checked: list[tuple[int, int, Frame, tuple[object, bytes] | None]] = []
         if self._held:
             nl = data.find(b"\n")
             if nl < 0:
                 self._held += data
                 return
-            done, self._held = self._held, bytearray()
-            done += memoryview(data)[:nl]
-            done_verdict = self._verdict(gate, done)
+            held, self._held = self._held, bytearray()
+            held += memoryview(data)[:nl]
+            done = Frame(held, direction, seen)
+            done_verdict = self._verdict(done)
             if done_verdict is None:
-                self._write(done)
+                self._write(held)
                 self._write(b"\n")
             pos = out = nl + 1
         elif tap.mid_line:
@@ -333,7 +303,7 @@ class Pump:
             # start, meters it.
             nl = data.find(b"\n")
             pos = size if nl < 0 else nl + 1
-        fed = out  # the splitter is fed data[fed:kept]
+        fed = out  # the splitter has been fed data[:fed]
         kept = size  # data[kept:] starts a line held back
         while pos < size:
             nl = data.find(b"\n", pos)
@@ -341,35 +311,44 @@ class Pump:
                 kept = pos
                 self._held = bytearray(memoryview(data)[pos:])
                 break
-            if _may_be_call(data, pos, nl):
-                verdict = gate_verdict(gate, memoryview(data)[pos:nl])  # a view: no copy
+            if may_be_call(data, pos, nl):
+                frame = Frame(memoryview(data)[pos:nl], direction, seen)
+                verdict = observers.verdict(frame)
+                checked.append((pos, nl + 1, frame, verdict))
                 if verdict is not None:
                     if out < pos:
                         self._write(data[out:pos])
                     out = nl + 1
-                    refused.append((out, verdict))
             pos = nl + 1
         if out < kept:
             self._write(data if out == 0 and kept == size else data[out:kept])
         with self._lock:
             if done is not None:
-                tap.line(done, seen)
+                tap.frame(done)
                 if done_verdict is not None:
                     tap.refused(done_verdict[0], len(done_verdict[1]), self._clock())
-            for end, (rpc_id, answer) in refused:
-                tap.feed(data[fed:end], seen)
-                tap.refused(rpc_id, len(answer), self._clock())
+            for start, end, frame, verdict in checked:
+                if fed < start:
+                    tap.feed(data[fed:start], seen)
+                tap.frame(frame)
+                if verdict is not None:
+                    tap.refused(verdict[0], len(verdict[1]), self._clock())
                 fed = end
             if fed < kept:
                 tap.feed(data if fed == 0 and kept == size else data[fed:kept], seen)
+        gate = self.gate
+        assert gate is not None
         if done_verdict is not None:
             gate.answer(done_verdict[1] + b"\n")
-        for _end, (_rpc_id, answer) in refused:
-            gate.answer(answer + b"\n")
+        for _start, _end, _frame, verdict in checked:
+            if verdict is not None:
+                gate.answer(verdict[1] + b"\n")
 
-    @staticmethod
-    def _verdict(gate: Gate, line: bytearray) -> tuple[object, bytes] | None:
-        return gate_verdict(gate, line) if _may_be_call(line) else None
+    def _verdict(self, frame: Frame) -> tuple[object, bytes] | None:
+        """The gate's verdict on a held line (a bytearray, never a view)."""
+        line = frame.data
+        assert not isinstance(line, memoryview)
+        return self.tap.observers.verdict(frame) if may_be_call(line) else None
 
     def _end_held(self, seen: float) -> None:
         """The stream ended inside a held line: the end of the stream ends it. It is checked,
@@ -377,23 +356,13 @@ class Pump:
         held, self._held = self._held, bytearray()
         if not held:
             return
-        gate = self.gate
-        verdict = self._verdict(gate, held) if gate is not None else None
+        frame = Frame(held, self.tap.direction, seen)
+        verdict = self._verdict(frame) if self.gate is not None else None
         if verdict is None:
             self._write(held)
         with self._lock:
-            self.tap.line(held, seen)
+            self.tap.frame(frame)
             if verdict is not None:
                 self.tap.refused(verdict[0], len(verdict[1]), self._clock())
-        if verdict is not None and gate is not None:
-            gate.answer(verdict[1] + b"\n")
-
-
-def gate_verdict(gate: Gate, frame: Buffer) -> tuple[object, bytes] | None:
-    """The gate's verdict; when the gate itself fails (its store is down), the call goes on:
-    the store failing never stops the relay."""
-    try:
-        return gate.check(frame)
-    except Exception as exc:
-        warn_once("gate-error", f"budget check failed, calls are forwarded unchecked: {exc}")
-        return None
+        if verdict is not None and self.gate is not None:
+            self.gate.answer(verdict[1] + b"\n")

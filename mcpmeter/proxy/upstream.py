@@ -2,9 +2,11 @@
 
 An :class:`Upstream` takes client-to-server frames with :meth:`~Upstream.send` and hands
 every server-to-client frame to the ``deliver`` callback it was built with, in the order
-the server sent them. A frame is one JSON-RPC message or batch, as bytes, without a
-newline. Implementations: :class:`mcpmeter.proxy.child.ChildServer` (a stdio
-subprocess), :class:`mcpmeter.proxy.http_client.HttpUpstream` (a remote server over
+the server sent them. A frame is one JSON-RPC message or batch, its bytes without a
+newline, as a :class:`~mcpmeter.protocol.frame.Frame`: decoded once, by whoever reads it
+first (the routing, the meter, the id rewriter). Implementations:
+:class:`mcpmeter.proxy.child.ChildServer` (a stdio subprocess),
+:class:`mcpmeter.proxy.http_upstream.HttpUpstream` (a remote server over
 streamable HTTP or HTTP+SSE) and :class:`mcpmeter.proxy.mux.MuxChannel` (one client's
 share of a multiplexed upstream).
 """
@@ -16,11 +18,10 @@ from typing import Protocol
 
 import anyio
 
-from mcpmeter.log import warn_once
-from mcpmeter.metering.calls import CallMeter
+from mcpmeter.protocol.frame import Frame
 
-#: Receives one server-to-client frame and the ``time.perf_counter()`` it was read at.
-Deliver = Callable[[bytes, float], Awaitable[None]]
+#: Receives one server-to-client frame (``seen`` is the ``time.perf_counter()`` it was read at).
+Deliver = Callable[[Frame], Awaitable[None]]
 
 
 class UpstreamError(Exception):
@@ -35,18 +36,8 @@ class Upstream(Protocol):
     #: Set once no more frames will be delivered (the server exited, the stream ended).
     closed: anyio.Event
 
-    async def send(self, frame: bytes) -> None:
+    async def send(self, frame: Frame) -> None:
         """Forward one client-to-server frame (a message or a batch)."""
 
     async def aclose(self) -> None:
         """End the session with the server (DELETE, stdin EOF, ...); idempotent."""
-
-
-def meter_frame(meter: CallMeter, direction: str, frame: bytes, seen: float) -> None:
-    """Meter one frame; a meter error is counted and reported once, never raised."""
-    try:
-        with meter.lock:
-            meter.on_frame(direction, frame, seen)
-    except Exception as exc:  # a meter bug must never reach the relay
-        meter.stats.meter_errors += 1
-        warn_once("meter-error", f"metering error (frames still relayed): {exc!r}")

@@ -58,7 +58,7 @@ import psycopg
 from psycopg.adapt import Buffer, Loader
 
 from mcpmeter.errors import StoreError
-from mcpmeter.record import COLUMNS, INSERT_COLUMNS, CallRecord, iso_utc
+from mcpmeter.record import COLUMNS, INSERT_COLUMNS, STORED_FIELDS, CallRecord, iso_utc
 from mcpmeter.store.base import BatchMark, CallFilter, forget_writer, loadable, record_mark
 from mcpmeter.store.chain import CHAIN_COLUMNS, GENESIS, chain
 from mcpmeter.store.migrations import MIGRATIONS
@@ -295,7 +295,7 @@ class PostgresStore:
 
     @staticmethod
     def _insert_calls(conn: psycopg.Connection[tuple[Any, ...]], records: Sequence[CallRecord]) -> None:
-        rows = [(iso_utc(r[0]), *r[1:]) for r in records]
+        rows = [(iso_utc(r[0]), *r[1:STORED_FIELDS]) for r in records]
         last = conn.execute(_LAST_HASH).fetchone()
         hashes = chain((last[0] or GENESIS) if last else GENESIS, rows)
         with conn.cursor() as cursor, cursor.copy(_COPY) as copy:

@@ -47,7 +47,7 @@ from urllib.parse import parse_qs, urlsplit
 import msgspec
 
 from mcpmeter.log import warn, warn_once
-from mcpmeter.record import CallRecord
+from mcpmeter.record import INSERT_COLUMNS, STORED_FIELDS, CallRecord
 
 if TYPE_CHECKING:
     from mcpmeter.store.base import Store
@@ -141,7 +141,7 @@ def encode_lines(writer: str, batch: int | None, records: Sequence[CallRecord]) 
     tag = b"null" if batch is None else str(batch).encode()
     out = []
     for record in records:
-        payload = b"[" + head + b"," + tag + b"," + encode(record) + b"]"
+        payload = b"[" + head + b"," + tag + b"," + encode(record[:STORED_FIELDS]) + b"]"
         out.append(b'{"h":"' + _check(payload, key) + b'","d":' + payload + b"}\n")
     return b"".join(out)
 
@@ -163,7 +163,7 @@ def _bounded(hint: Any) -> Any:
 def _record_struct() -> type[msgspec.Struct]:
     hints = typing.get_type_hints(CallRecord)
     fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
-    for name in CallRecord._fields:
+    for name in INSERT_COLUMNS:
         hint = _bounded(hints[name])
         if name == "ts":
             hint = Annotated[float, msgspec.Meta(ge=_TS_RANGE[0], le=_TS_RANGE[1])]

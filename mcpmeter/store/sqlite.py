@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from mcpmeter.errors import StoreError, UsageError
 from mcpmeter.log import warn
-from mcpmeter.record import COLUMNS, INSERT_COLUMNS, CallRecord, iso_utc
+from mcpmeter.record import COLUMNS, INSERT_COLUMNS, STORED_FIELDS, CallRecord, iso_utc
 from mcpmeter.store.base import BatchMark, CallFilter, forget_writer, loadable, record_mark
 from mcpmeter.store.chain import CHAIN_COLUMNS, GENESIS, chained
 from mcpmeter.store.migrations import MIGRATIONS
@@ -173,7 +173,8 @@ class SQLiteStore:
     def _insert_calls(self, records: Sequence[CallRecord]) -> None:
         last = self._db.execute("SELECT hash FROM calls ORDER BY id DESC LIMIT 1").fetchone()
         previous = (last[0] or GENESIS) if last else GENESIS
-        self._db.executemany(_INSERT, chained(previous, [[iso_utc(r[0]), *r[1:]] for r in records]))
+        rows = [[iso_utc(r[0]), *r[1:STORED_FIELDS]] for r in records]
+        self._db.executemany(_INSERT, chained(previous, rows))
 
     # -- generic access for the query modules (ledger, prices, report, tail) ------------------
     #

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -63,7 +63,7 @@ def show(
     format: Annotated[str, typer.Option("--format", help="table or json.")] = "table",
     db: DbOption = None,
 ) -> None:
-    from mcpmeter.metering.budget_admin import budget_lines, render_budgets
+    from mcpmeter.metering.budget_admin import budget_lines
 
     if format not in ("table", "json"):
         raise UsageError(f"unknown format {format!r}: use table or json")
@@ -83,3 +83,47 @@ def reset(
     scope, subject = _subject(project, agent, session)
     reset_budget(db, scope, subject, delete=delete)
     sys.stdout.write(f"budget {'deleted' if delete else 'reset'} for {scope} {subject!r}\n")
+
+
+def render_budgets(lines: list[dict[str, Any]], fmt: str) -> None:
+    """``budget show``: one rich table of :func:`~mcpmeter.metering.budget_admin.budget_lines`,
+    or the lines as one JSON array."""
+    if fmt == "json":
+        import msgspec
+
+        sys.stdout.write(msgspec.json.encode(lines).decode() + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from mcpmeter.output.terminal import printable
+
+    def cell(value: object) -> Text:  # stored names are data: never markup, never escapes
+        return Text(printable(str(value)))
+
+    table = Table(title="budgets", title_justify="left")
+    for column in ("scope", "subject", "window", "limit", "spent", "used", "resets at", "set by"):
+        table.add_column(column, justify="right" if column in ("limit", "spent", "used") else "left")
+    for line in lines:
+        limit = " + ".join(
+            part
+            for part in (
+                f"${line['limit_usd']:.2f}" if line["limit_usd"] is not None else "",
+                f"{line['limit_calls']} calls" if line["limit_calls"] is not None else "",
+            )
+            if part
+        )
+        used = line["used"]
+        colour = "red" if used >= 1 else "yellow" if used >= 0.8 else "green"
+        table.add_row(
+            line["scope"],
+            cell(line["subject"]),
+            line["window"],
+            limit,
+            f"${line['spent_usd']:.4f} / {line['calls']} calls",
+            f"[{colour}]{used:.0%}[/{colour}]",
+            line["resets_at"] or "never",
+            cell(line["source"]),
+        )
+    Console().print(table)

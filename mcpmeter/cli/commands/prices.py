@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import IO, TYPE_CHECKING, Annotated
 
 import typer
 
 from mcpmeter.cli.options import DbOption
+
+if TYPE_CHECKING:
+    from mcpmeter.prices import ModelPrice, ToolPrice
 
 FromOption = Annotated[
     str | None,
@@ -100,12 +103,13 @@ def show(
 ) -> None:
     from mcpmeter.errors import UsageError
     from mcpmeter.output.files import writing_stdout
-    from mcpmeter.prices import render_prices
+    from mcpmeter.prices import current_prices
 
     if format not in ("table", "json"):
         raise UsageError(f"unknown format {format!r}: use table or json")
     with writing_stdout():
-        render_prices(db, format, sys.stdout)
+        models, tools = current_prices(db)
+        render_prices(models, tools, format, sys.stdout)
 
 
 def import_(
@@ -138,3 +142,48 @@ def import_(
 
 def _usd(value: float) -> str:
     return f"${value:g}"
+
+
+def render_prices(models: list[ModelPrice], tools: list[ToolPrice], format: str, out: IO[str]) -> None:
+    """``prices show``: two rich tables, or one JSON object in the import file's shape."""
+    if format == "json":
+        import json
+
+        doc = {"models": [p.as_json() for p in models], "tools": [p.as_json() for p in tools]}
+        out.write(json.dumps(doc, indent=2) + "\n")
+        return
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from mcpmeter.output.terminal import printable
+    from mcpmeter.prices import specificity
+
+    def text(value: str) -> Text:  # a name from the store: no markup, control characters escaped
+        return Text(printable(value))
+
+    console = Console(file=out, width=max(100, Console(file=out).width))
+    table = Table(title="Model prices (USD per million tokens)", title_justify="left")
+    for name in ("model", "from", "input", "output", "cached", "source"):
+        table.add_column(name, justify="right" if name in ("input", "output", "cached") else "left")
+    for m in models:
+        cached = "" if m.cached is None else f"{m.cached:g}"
+        table.add_row(
+            text(m.model), _day(m.effective_from), f"{m.input:g}", f"{m.output:g}", cached, text(m.source)
+        )
+    console.print(table)
+    table = Table(title="Tool prices (USD)", title_justify="left")
+    for name in ("pattern", "from", "per call", "per KB", "source"):
+        table.add_column(name, justify="right" if name.startswith("per") else "left")
+    for t in sorted(tools, key=lambda t: (specificity(t.pattern), t.effective_from)):
+        table.add_row(
+            text(t.pattern), _day(t.effective_from), f"{t.per_call:g}", f"{t.per_kb:g}", text(t.source)
+        )
+    if not tools:
+        table.caption = "none set: mcpmeter prices set tool 'SERVER/TOOL-GLOB' --per-call USD"
+    console.print(table)
+
+
+def _day(iso: str) -> str:
+    """``2026-11-01T00:00:00.000000Z`` -> ``2026-11-01``; other times to the second."""
+    return iso[:10] if iso[10:] == "T00:00:00.000000Z" else iso[:19].replace("T", " ")

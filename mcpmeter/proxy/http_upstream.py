@@ -1,4 +1,4 @@
-"""mcpmeter as an HTTP client: ``wrap --url URL`` (and the upstream of ``--listen --url``).
+"""A remote MCP server over HTTP: the upstream of ``wrap --url`` and ``wrap --listen --url``.
 
 :class:`HttpUpstream` speaks to a remote MCP server over either HTTP transport:
 
@@ -26,29 +26,20 @@ starting ``mcpmeter:``) so the client is never left waiting.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import queue
 import re
-import sys
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, NamedTuple
 from urllib.parse import urljoin, urlsplit
 
 import anyio
-import anyio.to_thread
 import httpx
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectSendStream
 
-from mcpmeter.errors import MeterError, UsageError
-from mcpmeter.log import warn, warn_once
-from mcpmeter.metering.calls import C2S, S2C, CallMeter
-from mcpmeter.metering.tags import Tenant
-from mcpmeter.protocol.frame import LineSplitter
+from mcpmeter.errors import UsageError
+from mcpmeter.log import warn_once
+from mcpmeter.protocol.frame import S2C, Frame
 from mcpmeter.protocol.rpc import (
     REQUEST,
     RESPONSE,
@@ -62,14 +53,7 @@ from mcpmeter.protocol.rpc import (
     one_line,
 )
 from mcpmeter.protocol.sse import SSEParser
-from mcpmeter.proxy.relay import FdEndpoint, gate_verdict
-from mcpmeter.proxy.shutdown import Signals
-from mcpmeter.proxy.upstream import Deliver, UpstreamError, meter_frame
-from mcpmeter.record import CallRecord
-from mcpmeter.threads import quiet_thread
-
-if TYPE_CHECKING:
-    from mcpmeter.metering.budget import Budget, BudgetGate
+from mcpmeter.proxy.upstream import Deliver, UpstreamError
 
 TRANSPORTS = ("auto", "streamable-http", "sse")
 ACCEPT_BOTH = "application/json, text/event-stream"
@@ -78,11 +62,8 @@ ENDPOINT_TIMEOUT_S = 30.0
 #: GET stream reconnections in a row before giving up (the server keeps failing it).
 LISTEN_ATTEMPTS = 3
 DEFAULT_RETRY_MS = 1000
-#: After stdin closes or a signal, how long in-flight requests may take to be answered.
-DRAIN_S = 5.0
 #: How long the session's DELETE may take on the way out.
 CLOSE_TIMEOUT_S = 5.0
-SWITCH_INTERVAL_S = 0.0002
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
@@ -176,8 +157,9 @@ class HttpUpstream:
         if self._mode == "sse":
             await self._open_sse()
 
-    async def send(self, frame: bytes) -> None:
-        hs = heads(frame)
+    async def send(self, message: Frame) -> None:
+        hs = heads(message)
+        frame = message.tobytes()
         if not self._decided:
             await self._send_first(frame, hs)
         elif self.kind == "sse":
@@ -245,8 +227,8 @@ class HttpUpstream:
 
     # -- what comes back -------------------------------------------------------------------
 
-    async def _receive(self, frame: bytes, seen: float, pending: set[tuple[str, object]] | None) -> None:
-        frame = one_line(frame)
+    async def _receive(self, data: bytes, seen: float, pending: set[tuple[str, object]] | None) -> None:
+        frame = Frame(one_line(data), S2C, seen)
         if pending or self._initializing:
             for head in heads(frame):
                 if head.kind != RESPONSE:
@@ -258,7 +240,7 @@ class HttpUpstream:
                     self._initializing.discard(key)
                     if head.result_version is not None:
                         self._negotiated = head.result_version
-        await self._deliver(frame, seen)
+        await self._deliver(frame)
 
     async def _fail(
         self, hs: Iterable[Head], reason: str, only: set[tuple[str, object]] | None = None
@@ -269,9 +251,8 @@ class HttpUpstream:
             if head.kind == REQUEST and (only is None or id_key(head.id) in only):
                 failed = True
                 self._initializing.discard(id_key(head.id))
-                await self._deliver(
-                    error_frame(encode_id(head.id), f"mcpmeter: {reason}"), time.perf_counter()
-                )
+                error = error_frame(encode_id(head.id), f"mcpmeter: {reason}")
+                await self._deliver(Frame(error, S2C, time.perf_counter()))
         warn_once(
             f"upstream:{reason}", f"upstream {self.url}: {reason}" + ("" if failed else " (a notification)")
         )
@@ -350,7 +331,7 @@ class HttpUpstream:
     ) -> None:
         if kind == "application/json" and pending:
             # A JSON-RPC error for this request (a 2026-07-28 server maps codes to statuses).
-            answers = {id_key(h.id) for h in heads(body) if h.kind == RESPONSE}
+            answers = {id_key(h.id) for h in heads(Frame(body, S2C, 0.0)) if h.kind == RESPONSE}
             if answers and answers <= pending:
                 await self._receive(body, time.perf_counter(), pending)
         if status == 404 and self.session_id is not None:
@@ -497,195 +478,3 @@ class HttpUpstream:
         finally:
             await response.aclose()
             self._end()
-
-
-# -- wrap --url: the client on our stdio ------------------------------------------------------
-
-
-class UrlOptions(NamedTuple):
-    url: str
-    tenant: Tenant
-    transport: str = "auto"
-    headers: Mapping[str, str] = {}
-    db: str | None = None
-    record_args: bool = False
-    budgets: tuple[Budget, ...] = ()
-    max_repeat: int | None = None
-    reject_as: str = "tool-error"
-    alert_webhook: str | None = None
-
-
-class _StdoutWriter:
-    """Writes frames to fd 1 from its own thread, so a slow client never blocks the loop."""
-
-    def __init__(self, on_lost: threading.Event) -> None:
-        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=256)
-        self._sink = FdEndpoint(1)
-        self._lost = on_lost
-        self._thread = threading.Thread(target=self._run, name="mcpmeter-stdout", daemon=True)
-        self._thread.start()
-
-    async def write(self, data: bytes) -> None:
-        try:
-            self._queue.put_nowait(data)
-        except queue.Full:
-            await anyio.to_thread.run_sync(self._queue.put, data, abandon_on_cancel=True)
-
-    def _run(self) -> None:
-        quiet_thread()
-        while (data := self._queue.get()) is not None:
-            if self._lost.is_set():
-                continue
-            try:
-                self._sink.write(data)
-            except OSError:
-                self._lost.set()
-
-    def close(self, timeout: float) -> None:
-        """Write what is queued (up to ``timeout`` seconds), then stop."""
-        with contextlib.suppress(queue.Full):
-            self._queue.put(None, timeout=timeout)
-        self._thread.join(timeout)
-
-
-def _read_stdin(
-    loop: asyncio.AbstractEventLoop, send: MemoryObjectSendStream[list[tuple[bytes, float]]]
-) -> None:
-    """The stdin thread: lines (no size limit) go to the loop, a chunk's worth at a time."""
-    quiet_thread()
-    source = FdEndpoint(0)
-    lines: list[tuple[bytes, float]] = []
-    splitter = LineSplitter(lambda line, seen: lines.append((bytes(line), seen)))
-    try:
-        while True:
-            try:
-                data = source.read()
-            except OSError:
-                data = b""
-            seen = time.perf_counter()
-            if data:
-                splitter.feed(data, seen)
-            else:
-                splitter.finish(seen)
-            if lines:
-                batch = lines[:]
-                lines.clear()
-                asyncio.run_coroutine_threadsafe(send.send(batch), loop).result()
-            if not data:
-                return
-    except (RuntimeError, anyio.ClosedResourceError, anyio.BrokenResourceError):
-        return  # the loop is gone
-    finally:
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(send.close)
-
-
-def run_url(options: UrlOptions) -> int:
-    """Relay our stdio to the server at ``options.url`` until stdin closes or a signal comes."""
-    from mcpmeter.proxy.stdio import budget_gate, finish, start_audit_writer
-
-    signals = Signals().install()  # ours to the exit (see mcpmeter.proxy.shutdown)
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
-    meter_box: list[CallMeter] = []
-    # Refusals are written by the relay itself (_relay_url), so the gate's inject is unused.
-    gate, alerter = budget_gate(
-        options, lambda frame: None, lambda: meter_box[0].peers.server_name if meter_box else None
-    )
-    writer = start_audit_writer(
-        options.db, on_tick=gate.refresh, on_unavailable=gate.unavailable, after_write=gate.settle
-    )
-    first_kind = "sse" if options.transport == "sse" else "http"
-    upstream: list[HttpUpstream] = []  # the one upstream, once it exists
-
-    def sink(record: CallRecord) -> None:
-        if upstream and record.upstream != upstream[0].kind:  # auto fell back to HTTP+SSE
-            record = record._replace(upstream=upstream[0].kind)
-        writer.put(record)
-
-    meter = CallMeter(
-        options.tenant,
-        sink,
-        transport="stdio",
-        upstream=first_kind,
-        default_server=urlsplit(options.url).hostname or options.url,
-        record_args=options.record_args,
-    )
-    meter_box.append(meter)
-    try:
-        return anyio.run(_relay_url, options, meter, upstream, gate, signals, backend="asyncio")
-    finally:
-        finish(meter, writer, gate, alerter, signals)
-
-
-async def _relay_url(
-    options: UrlOptions, meter: CallMeter, holder: list[HttpUpstream], gate: BudgetGate, signals: Signals
-) -> int:
-    stdout_lost = threading.Event()
-    out = _StdoutWriter(stdout_lost)
-    send_lines, receive_lines = anyio.create_memory_object_stream[list[tuple[bytes, float]]](16)
-    stop = anyio.Event()
-    exit_code = 0
-
-    async def deliver(frame: bytes, seen: float) -> None:
-        meter_frame(meter, S2C, frame, seen)
-        await out.write(frame + b"\n")
-        if stdout_lost.is_set():
-            stop.set()
-
-    async def pump(upstream: HttpUpstream) -> None:
-        async with receive_lines:
-            async for batch in receive_lines:
-                for frame, seen in batch:
-                    meter_frame(meter, C2S, frame, seen)
-                    if gate.active and b'"tools/call"' in frame:
-                        # A budget or the loop guard may answer it here (a store transaction:
-                        # off the event loop).
-                        verdict = await anyio.to_thread.run_sync(gate_verdict, gate, frame)
-                        if verdict is not None:
-                            rpc_id, answer = verdict
-                            with meter.lock:
-                                meter.on_refused(C2S, rpc_id, len(answer), time.perf_counter())
-                            await out.write(answer + b"\n")
-                            continue
-                    if frame.strip():
-                        await upstream.send(frame)
-        stop.set()  # stdin closed: the session is over
-
-    async def upstream_gone(upstream: HttpUpstream) -> None:
-        nonlocal exit_code
-        await upstream.closed.wait()
-        if not stop.is_set():
-            warn(f"the server at {options.url} closed its event stream")
-            exit_code = 1
-            stop.set()
-
-    loop = asyncio.get_running_loop()
-    # A signal (handled on this thread, between the loop's steps) ends the session.
-    signals.while_relaying(lambda sig: loop.call_soon_threadsafe(stop.set))
-    signals.watch(loop)
-    threading.Thread(target=_read_stdin, args=(loop, send_lines), name="mcpmeter-stdin", daemon=True).start()
-    async with new_client() as client, anyio.create_task_group() as tg:
-        upstream = HttpUpstream(
-            options.url, deliver, client=client, tg=tg, mode=options.transport, headers=options.headers
-        )
-        holder.append(upstream)
-        failed: str | None = None
-        try:
-            await upstream.start()
-        except UpstreamError as exc:
-            failed = str(exc)
-            stop.set()
-        if failed is None:
-            tg.start_soon(pump, upstream)
-            tg.start_soon(upstream_gone, upstream)
-        if signals.received:
-            stop.set()  # one came before the handler above was in place
-        await stop.wait()
-        with anyio.move_on_after(DRAIN_S):
-            await upstream.wait_idle()
-        await upstream.aclose()
-        tg.cancel_scope.cancel()
-    await anyio.to_thread.run_sync(out.close, DRAIN_S)
-    if failed is not None:
-        raise MeterError(failed)
-    return exit_code
