@@ -15,8 +15,8 @@ from typing import Any
 from rich.console import Console
 
 from mcpmeter.record import COLUMNS, iso_utc
-from mcpmeter.tail_model import TailState
-from mcpmeter.tail_view import TailView
+from mcpmeter.tail.model import TailState
+from mcpmeter.tail.view import TailView
 
 NOW = 1_795_366_800.0  # 2026-11-22T17:00:00Z
 OUT = Path(__file__).resolve().parent / "tail.svg"

@@ -1,6 +1,8 @@
-"""Output files (``export -o``, ``report --html``) never destroy the store and are never half written.
+"""Output files (``export -o``, ``report --html``) never destroy the store and are never half written;
+and every read command takes ``--format`` and ``--status`` through the same checks.
 
-Every test runs the real command as a subprocess on a real SQLite store.
+Every command runs for real as a subprocess on a real SQLite store; the output layer's
+writers (:mod:`mcpmeter.output`) are also checked on their own, into a ``StringIO``.
 """
 
 from __future__ import annotations
@@ -11,14 +13,21 @@ import resource
 import signal
 import subprocess
 from collections.abc import Callable
+from io import BytesIO, StringIO
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from conftest import MCPMETER, call_record, read_rows
+from test_docs import RUNNABLE, long_options
 from test_export import export, one_line_error
 
+from mcpmeter.errors import UsageError
 from mcpmeter.metering.audit import spill_path_for
+from mcpmeter.output.csv import write_csv
+from mcpmeter.output.formats import check_format
+from mcpmeter.output.json import write_json, write_json_lines, write_json_stream
+from mcpmeter.output.table import write_table
 from mcpmeter.store import SQLiteStore
 
 ROWS = 5
@@ -302,3 +311,122 @@ def test_an_output_to_dev_stdout_streams_to_stdout_instead_of_replacing_the_devi
     assert result.returncode == 0, result
     assert result.stdout == export("--db", str(store), env=meter_env).stdout
     assert result.stdout.count(b"\n") == ROWS
+
+
+# -- one --format, one --status, for every read command -----------------------------------------
+
+
+def runnable_with(option: str) -> list[str]:
+    return sorted(name for name, command in RUNNABLE.items() if option in long_options(command))
+
+
+def required_arguments(name: str) -> list[str]:
+    """A value for each argument the command needs (``ledger import FILE``), so that the
+    option under test is what fails."""
+    return [
+        "/dev/null" for param in RUNNABLE[name].params if param.required and not param.opts[0].startswith("-")
+    ]
+
+
+def run_with(name: str, store: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    argv = [MCPMETER, *name.split(), *required_arguments(name), *args, "--db", str(store)]
+    return subprocess.run(argv, capture_output=True, timeout=60, check=False, stdin=subprocess.DEVNULL)
+
+
+def test_the_commands_with_format_and_status_are_the_read_commands() -> None:
+    assert runnable_with("--format") == [
+        "budget show",
+        "export",
+        "ledger import",
+        "prices show",
+        "report",
+        "report invocations",
+        "tail",
+    ]
+    assert runnable_with("--status") == ["export", "report", "report invocations", "tail"]
+
+
+@pytest.mark.parametrize("name", runnable_with("--format"))
+def test_an_unknown_format_is_one_line_and_exit_2_in_every_command(name: str, store: Path) -> None:
+    result = run_with(name, store, "--format", "xml")
+    assert (result.returncode, result.stdout) == (2, b""), result
+    assert one_line_error(result).startswith("mcpmeter: unknown format 'xml': use ")
+
+
+@pytest.mark.parametrize("name", runnable_with("--status"))
+def test_an_unknown_status_is_one_line_and_exit_2_in_every_command(name: str, store: Path) -> None:
+    result = run_with(name, store, "--status", "bogus")
+    assert (result.returncode, result.stdout) == (2, b""), result
+    statuses = "ok, error, tool_error, rejected, cancelled, no_response"
+    assert one_line_error(result) == f"mcpmeter: unknown status 'bogus': use one of {statuses}\n"
+
+
+def test_a_format_is_checked_exactly_and_the_error_names_every_choice() -> None:
+    assert check_format("csv", ("table", "json", "csv")) == "csv"
+    for wrong in ("CSV", "", " csv"):
+        with pytest.raises(UsageError, match=r"^unknown format .*: use one of table, json, csv$"):
+            check_format(wrong, ("table", "json", "csv"))
+
+
+# -- the writers ---------------------------------------------------------------------------------
+
+
+def test_json_is_one_indented_document_or_one_compact_line() -> None:
+    out = StringIO()
+    write_json([{"a": 1, "b": None}], out)
+    assert out.getvalue() == '[\n  {\n    "a": 1,\n    "b": null\n  }\n]\n'
+    out = StringIO()
+    write_json([{"a": 1, "b": "é"}], out, indent=False)
+    assert out.getvalue() == '[{"a":1,"b":"é"}]\n'
+
+
+def test_json_lines_are_one_object_per_row_keyed_in_column_order_buffered_or_flushed() -> None:
+    rows = [(i, f"t{i}") for i in range(2500)]
+    buffered, flushed = BytesIO(), BytesIO()
+    assert write_json_lines(("id", "tool"), rows, buffered) == 2500
+    assert write_json_lines(("id", "tool"), rows, flushed, flush=True) == 2500
+    assert buffered.getvalue() == flushed.getvalue()
+    assert buffered.getvalue().splitlines()[:2] == [b'{"id":0,"tool":"t0"}', b'{"id":1,"tool":"t1"}']
+
+
+def test_a_json_stream_writes_its_items_one_a_line_then_the_other_members() -> None:
+    out = StringIO()
+    write_json_stream(out, "items", iter([{"a": 1}, {"a": 2}]), {"count": {"n": 2}, "more": 0})
+    assert (
+        out.getvalue()
+        == '{\n  "items": [\n    {"a":1},\n    {"a":2}\n  ],\n  "count": {"n":2},\n  "more": 0\n}\n'
+    )
+    out = StringIO()
+    write_json_stream(out, "items", iter([]), {})
+    assert out.getvalue() == '{\n  "items": [\n  ]\n}\n'
+
+
+def test_csv_escapes_formulas_writes_nulls_empty_and_lists_as_their_json() -> None:
+    out = StringIO()
+    assert (
+        write_csv(("tool", "code", "tools"), [("=1+1", -32602, ["a,b", "c"]), (None, 0, [])], out.write) == 2
+    )
+    assert out.getvalue() == 'tool,code,tools\n\'=1+1,-32602,"[""a,b"",""c""]"\n,0,[]\n'
+
+
+def test_a_table_aligns_numbers_right_escapes_control_characters_and_ends_with_its_total() -> None:
+    out = StringIO()
+    write_table(
+        out,
+        ("agent", "calls"),
+        [["bot\x1b[2J", "1,000"], ["x", "2"]],
+        numeric=[False, True],
+        total=["total", "1,002"],
+        notes=["a note"],
+    )
+    assert out.getvalue().splitlines() == [
+        "agent       calls",
+        "bot\\x1b[2J  1,000",
+        "x               2",
+        "----------  -----",
+        "total       1,002",
+        "a note",
+    ]
+    out = StringIO()
+    write_table(out, ("agent",), [], numeric=[False], total=["total"])
+    assert out.getvalue() == "agent\n(no rows)\n"

@@ -30,7 +30,8 @@ from hypothesis import strategies as st
 from stores import BACKENDS, Backend, make_backend
 
 from mcpmeter.analysis.html import render
-from mcpmeter.analysis.report import COLUMNS, grouped, invocations
+from mcpmeter.analysis.invocations import invocations
+from mcpmeter.analysis.report import COLUMNS, grouped
 from mcpmeter.store import CallFilter, open_store
 
 TOOL_COLUMNS = (

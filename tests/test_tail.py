@@ -25,7 +25,7 @@ import anyio
 import orjson
 import pytest
 from anyio.streams.buffered import BufferedByteReceiveStream
-from conftest import EXAMPLES, MCPMETER, PYTHON, read_rows
+from conftest import EXAMPLES, MCPMETER, PYTHON, eventually, read_rows
 from mcp import Client, StdioServerParameters
 from rich.console import Console
 
@@ -353,6 +353,30 @@ def test_no_follow_prints_every_matching_row_once_and_exits_0(filled: Path) -> N
     ]
 
 
+def test_format_json_is_the_same_stream_as_json(filled: Path) -> None:
+    as_flag = run_tail(filled, "--json", "--no-follow", "--tool", "search")
+    as_format = run_tail(filled, "--format", "json", "--no-follow", "--tool", "search")
+    assert (as_format.returncode, as_format.stderr) == (0, b"")
+    assert as_format.stdout == as_flag.stdout
+    assert len(as_format.stdout.splitlines()) == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--format", "table"], b"unknown format 'table': use one of view, json"),
+        (["--json", "--format", "view"], b"--json and --format view"),
+        (["--json", "--status", "bogus"], b"unknown status 'bogus'"),
+    ],
+)
+def test_a_format_or_status_tail_does_not_know_is_one_line_and_exit_2(
+    filled: Path, args: list[str], message: bytes
+) -> None:
+    done = run_tail(filled, "--no-follow", *args)
+    assert (done.returncode, done.stdout) == (2, b"")
+    assert done.stderr.count(b"\n") == 1 and message in done.stderr, done.stderr
+
+
 def test_without_a_terminal_and_without_json_tail_writes_nothing_on_stdout_and_exits_2(filled: Path) -> None:
     done = run_tail(filled)
     assert done.returncode == 2
@@ -478,15 +502,16 @@ def send_key(tmux: list[str], session: str, key: str) -> None:
 def wait_for(
     read: Callable[[], str], done: Callable[[str], bool], what: str, timeout: float = PROCESS_S
 ) -> str:
-    """Poll ``read()`` until ``done`` holds for what it returns, for at most ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    value = read()
-    while not done(value):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout} s; last seen:\n{value}")
-        time.sleep(0.05)  # the poll period, not a synchronisation
-        value = read()
-    return value
+    """Poll ``read()`` until ``done`` holds for what it returns, for at most ``timeout`` seconds;
+    return that (a tmux capture or a file read each time: polled every 0.05 s)."""
+    seen = [""]
+
+    def ready() -> bool:
+        seen[0] = read()
+        return done(seen[0])
+
+    eventually(ready, what, timeout, poll=0.05, last_seen=lambda: seen[0])
+    return seen[0]
 
 
 def wait_for_screen(tmux: list[str], session: str, *needles: str) -> str:

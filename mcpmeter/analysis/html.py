@@ -13,18 +13,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape as _escape
-from typing import IO, Any
+from pathlib import Path
+from typing import Any
 
-from mcpmeter.analysis.report import (
-    COLUMNS,
-    Report,
-    dialect_sql,
-    grouped,
-    key_sql,
-    llm_where,
-    tool_where,
-    where_sql,
-)
+from mcpmeter.analysis.join import dialect_sql, key_sql, llm_where, tool_where, where_sql
+from mcpmeter.analysis.report import COLUMNS, Report, grouped
+from mcpmeter.output.files import write_output
 from mcpmeter.output.terminal import printable
 from mcpmeter.prices import llm_cost_sql
 from mcpmeter.store.base import CallFilter, Store
@@ -61,13 +55,14 @@ def escape(text: str) -> str:
 
 
 def write_html(
-    store: Store, keys: Sequence[str], where: CallFilter, out: IO[bytes], top: int | None = None
+    store: Store, keys: Sequence[str], where: CallFilter, target: Path, top: int | None = None
 ) -> None:
-    """Render the page for ``keys`` and ``where`` and write it, UTF-8, to the binary file ``out``.
+    """Render the page for ``keys`` and ``where`` and write it, UTF-8, to ``target``.
 
-    Give it :func:`mcpmeter.output.files.atomic_output`'s file: a failure leaves no half page.
+    Written by :func:`mcpmeter.output.files.write_output`: the page appears whole or not at
+    all, and an existing ``target`` stays as it was when anything fails.
     """
-    out.write(render(store, keys, where, top=top).encode("utf-8"))
+    write_output(target, render(store, keys, where, top=top).encode("utf-8"))
 
 
 # -- the data -----------------------------------------------------------------------------

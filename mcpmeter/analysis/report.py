@@ -1,19 +1,11 @@
 """``mcpmeter report``: usage and cost, grouped, tool calls joined to LLM calls on ``request_id``.
 
-Computed in SQL that both SQLite (3.40) and Postgres (15) run; the few spellings that differ
-live in :func:`dialect_sql`. LLM cost is priced at query time by
-:func:`mcpmeter.prices.llm_cost_sql`; tool cost is each audit row's ``cost_usd``.
-
-How the two sides meet in a group. Tool rows (``calls``) group by their own columns; LLM rows
-(``llm_calls``) by their own ``project``, ``agent``, ``model``, ``day`` and tags. A tool row
-takes ``model`` from the LLM row with its ``request_id`` (the first one, if several sources
-recorded it); an LLM row takes ``session``, ``tool`` and ``server`` from its tool rows when
-they all agree, else null. Each side is filtered by its own ``ts``, ``project`` and ``agent``;
-``--session``, ``--tool`` and ``--status`` keep the LLM rows that have a matching tool row.
+How the two sides meet, and the SQL both engines share, is :mod:`mcpmeter.analysis.join`.
 Every row counts in exactly one group: nothing is dropped, and rows with no partner on the
-other side are counted in :class:`Unmatched` (partners are looked for in the whole store).
-One statement aggregates each side (on two connections, in parallel); the groups of the two
-results are merged here by key.
+other side are counted in :class:`~mcpmeter.analysis.join.Unmatched`. One statement
+aggregates each side (on two connections, in parallel); the groups of the two results are
+merged here by key. LLM cost is priced at query time by :func:`mcpmeter.prices.llm_cost_sql`;
+tool cost is each audit row's ``cost_usd``.
 
 Percentiles are nearest-rank: the p-th percentile of n latencies is the value at rank
 ``ceil(p * n / 100)`` in ascending order; rows without a latency (no response) are left out.
@@ -22,19 +14,31 @@ pass 1 (the one sort, shared with every other measure) aggregates per group and 
 monotone latency bucket; running sums over those few rows say which bucket holds each
 wanted rank and at which rank inside it; pass 2 ranks, with ``ROW_NUMBER()``, only the
 rows of those buckets.
+
+How a report is shown (table, JSON, CSV) is the command's part:
+:mod:`mcpmeter.cli.commands.report`; the HTML page is :mod:`mcpmeter.analysis.html`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import IO, Any, TypeVar
+from typing import Any, TypeVar
 
-import orjson
-
+from mcpmeter.analysis.join import (
+    Unmatched,
+    add_costs,
+    clean,
+    count_unmatched,
+    dialect_sql,
+    key_sql,
+    llm_where,
+    notes,
+    tool_where,
+    where_sql,
+)
 from mcpmeter.errors import UsageError
-from mcpmeter.output.terminal import printable
 from mcpmeter.prices import llm_cost_sql
 from mcpmeter.store.base import CallFilter, Store
 
@@ -55,72 +59,7 @@ COLUMNS = (
     "llm_cost_usd",
     "total_cost_usd",
 )
-#: The columns of ``report invocations``: one row per request_id.
-INVOCATION_COLUMNS = (
-    "request_id",
-    "ts",
-    "project",
-    "agent",
-    "model",
-    "llm_calls",
-    "prompt_tokens",
-    "completion_tokens",
-    "llm_cost_usd",
-    "tool_calls",
-    "errors",
-    "tools",
-    "tool_cost_usd",
-    "total_cost_usd",
-)
-FORMATS = ("table", "json", "csv")
 PERCENTILES = (50, 95)
-_COST_DIGITS = 9
-_IS_TOOL_CALL = "c.method = 'tools/call'"
-_MS_DIGITS = 3
-
-
-# -- the SQL that differs between engines --------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Dialect:
-    """The few SQL spellings that differ between SQLite and Postgres."""
-
-    tag: Callable[[str, str], str]
-    """``tag(column, name)``: the text value of key ``name`` in the JSON object ``column``."""
-    same: str
-    """Null-safe equality operator: ``a <same> b`` is true when both are null."""
-    distinct_list: Callable[[str], str]
-    """``distinct_list(expr)``: the distinct non-null values of ``expr`` in a group, as the text
-    of a JSON array (a separator could occur in the values themselves: tool names may hold
-    commas)."""
-
-
-def dialect_sql(dialect: str) -> Dialect:
-    """The spellings for ``store.dialect``."""
-    if dialect == "sqlite":
-        return Dialect(
-            tag=lambda column, name: f"json_extract({column}, {_literal(f'$.{_quoted(name)}')})",
-            same="IS",
-            distinct_list=lambda expr: f"json_group_array(DISTINCT {expr}) FILTER (WHERE {expr} IS NOT NULL)",
-        )
-    if dialect in ("postgres", "postgresql"):
-        return Dialect(
-            tag=lambda column, name: f"(CAST({column} AS jsonb) ->> {_literal(name)})",
-            same="IS NOT DISTINCT FROM",
-            distinct_list=lambda expr: (
-                f"CAST(json_agg(DISTINCT {expr}) FILTER (WHERE {expr} IS NOT NULL) AS text)"
-            ),
-        )
-    raise UsageError(f"report does not support the {dialect!r} store")
-
-
-def _literal(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
-
-
-def _quoted(name: str) -> str:
-    return '"' + name + '"'
 
 
 # -- what the user asks for ---------------------------------------------------------------
@@ -143,99 +82,7 @@ def parse_by(text: str) -> tuple[str, ...]:
     return keys
 
 
-def key_sql(key: str, d: Dialect) -> tuple[str, str]:
-    """The SQL of group key ``key`` over a tool row ``c`` and over an LLM row ``l``."""
-    if key.startswith("tag:"):
-        return d.tag("c.tags", key[4:]), d.tag("l.tags", key[4:])
-    if key == "project":
-        return "c.project_id", "l.project_id"
-    if key == "agent":
-        return "c.agent_id", "l.agent_id"
-    if key == "day":
-        return "substr(c.ts, 1, 10)", "substr(l.ts, 1, 10)"
-    if key == "model":
-        return (
-            "(SELECT m.model FROM llm_calls m WHERE m.request_id = c.request_id ORDER BY m.id LIMIT 1)",
-            "l.model",
-        )
-    column = {"session": "session_id", "tool": "tool", "server": "server"}[key]
-    # An LLM row takes the value its tool rows agree on (null when they differ or are none).
-    return (
-        f"c.{column}",
-        f"(SELECT CASE WHEN min(t.{column}) = max(t.{column}) THEN min(t.{column}) END"
-        f" FROM calls t WHERE t.request_id = l.request_id)",
-    )
-
-
-def tool_where(where: CallFilter) -> tuple[list[str], list[Any]]:
-    """Tool rows (alias ``c``) by every filter of ``where``."""
-    return where.clauses("c.")
-
-
-def llm_where(where: CallFilter) -> tuple[list[str], list[Any]]:
-    """LLM rows by their own time, project and agent; by session, tool, status through a tool row."""
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column, op, value in (
-        ("ts", ">=", where.since),
-        ("ts", "<", where.until),
-        ("project_id", "=", where.project_id),
-        ("agent_id", "=", where.agent_id),
-    ):
-        if value is not None:
-            clauses.append(f"l.{column} {op} ?")
-            params.append(value)
-    via_tool = [
-        (column, value)
-        for column, value in (
-            ("session_id", where.session_id),
-            ("tool", where.tool),
-            ("status", where.status),
-        )
-        if value is not None
-    ]
-    if via_tool:
-        clauses.append(
-            "EXISTS (SELECT 1 FROM calls t WHERE t.request_id = l.request_id"
-            + "".join(f" AND t.{column} = ?" for column, _ in via_tool)
-            + ")"
-        )
-        params.extend(value for _, value in via_tool)
-    return clauses, params
-
-
-def where_sql(clauses: Sequence[str], *more: str) -> str:
-    every = [*clauses, *more]
-    return " WHERE " + " AND ".join(every) if every else ""
-
-
 # -- the grouped report -------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Unmatched:
-    """Rows with no partner on the other side of the join (partners looked for store-wide)."""
-
-    tool_calls_without_request_id: int = 0
-    """``tools/call`` rows in scope that carry no request_id."""
-    tool_calls_without_llm_call: int = 0
-    """Rows in scope whose request_id has no LLM row."""
-    llm_calls_without_tool_call: int = 0
-    """LLM rows in scope whose request_id has no tool row."""
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "tool_calls_without_request_id": self.tool_calls_without_request_id,
-            "tool_calls_without_llm_call": self.tool_calls_without_llm_call,
-            "llm_calls_without_tool_call": self.llm_calls_without_tool_call,
-        }
-
-    def describe(self) -> str:
-        return (
-            f"unmatched: {self.tool_calls_without_request_id:,} tool calls without a request_id,"
-            f" {self.tool_calls_without_llm_call:,} rows with a request_id not in the ledger,"
-            f" {self.llm_calls_without_tool_call:,} LLM calls without a tool call"
-        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,17 +97,6 @@ class Report:
     def notes(self) -> list[str]:
         """What the reader must know besides the rows: the unmatched and unpriced counts."""
         return notes(self.unmatched, self.llm_calls_without_price)
-
-
-def notes(unmatched: Unmatched, unpriced: int) -> list[str]:
-    """The lines that follow a report: unmatched counts, and unpriced LLM calls if any."""
-    lines = [unmatched.describe()]
-    if unpriced:
-        lines.append(
-            f"unpriced: {unpriced:,} LLM calls have no model price in force (counted as $0;"
-            " see `mcpmeter prices`)"
-        )
-    return lines
 
 
 def _bucket_sql(latency: str) -> str:
@@ -362,45 +198,6 @@ GROUP BY {k_list}
     return sql, params
 
 
-def unmatched_sql(where: CallFilter) -> tuple[str, list[Any]]:
-    """The three counts of :class:`Unmatched` for the rows in scope.
-
-    Over the whole audit log, rows without a partner are counted as "rows with a request_id
-    less those with a partner": ``IN (SELECT ...)`` walks the ledger's request_id index once
-    instead of probing it for every row. With a filter, the filter's index drives and each
-    row in scope probes the other side's request_id index.
-    """
-    t_clauses, t_params = tool_where(where)
-    l_clauses, l_params = llm_where(where)
-    no_ledger_row = "NOT EXISTS (SELECT 1 FROM llm_calls m WHERE m.request_id = c.request_id)"
-    no_tool_row = "NOT EXISTS (SELECT 1 FROM calls t WHERE t.request_id = l.request_id)"
-    if t_clauses:
-        without_llm = (
-            f"(SELECT count(*) FROM calls c{where_sql(t_clauses, 'c.request_id IS NOT NULL', no_ledger_row)})"
-        )
-        without_llm_params = t_params
-    else:
-        without_llm = (
-            "(SELECT count(*) FROM calls c WHERE c.request_id IS NOT NULL)"
-            " - (SELECT count(*) FROM calls c WHERE c.request_id IN (SELECT m.request_id FROM llm_calls m))"
-        )
-        without_llm_params = []
-    sql = f"""
-SELECT
-    (SELECT count(*) FROM calls c{where_sql(t_clauses, "c.request_id IS NULL", _IS_TOOL_CALL)}),
-    {without_llm},
-    (SELECT count(*) FROM llm_calls l{where_sql(l_clauses, no_tool_row)})
-"""
-    return sql, t_params + without_llm_params + l_params
-
-
-def count_unmatched(store: Store, where: CallFilter) -> Unmatched:
-    sql, params = unmatched_sql(where)
-    row = store.query_one(sql, params)
-    assert row is not None
-    return Unmatched(*(int(value or 0) for value in row))
-
-
 _T = TypeVar("_T")
 
 
@@ -468,8 +265,8 @@ def grouped(store: Store, keys: Sequence[str], where: CallFilter, top: int | Non
     rows = []
     for row in merged.values():
         for column in COLUMNS:
-            row[column] = _clean(column, row[column])
-        row["total_cost_usd"] = round(row["tool_cost_usd"] + row["llm_cost_usd"], _COST_DIGITS)
+            row[column] = clean(column, row[column])
+        row["total_cost_usd"] = add_costs(row["tool_cost_usd"], row["llm_cost_usd"])
         rows.append(row)
     rows.sort(key=lambda r: tuple(_order(r[k]) for k in keys))
     if top is not None:
@@ -488,198 +285,3 @@ def _order(value: Any) -> tuple[Any, ...]:
     if isinstance(value, int | float):
         return (1, value, "")
     return (2, 0, str(value))
-
-
-def _clean(column: str, value: Any) -> Any:
-    if column.endswith("_usd"):
-        return round(float(value or 0), _COST_DIGITS)
-    if column.endswith("_ms"):
-        return None if value is None else round(float(value), _MS_DIGITS)
-    return int(value or 0)
-
-
-# -- per invocation (request_id) ----------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Invocations:
-    """``report invocations``: one row per request_id, both sides summed."""
-
-    rows: list[dict[str, Any]]
-    unmatched: Unmatched
-    llm_calls_without_price: int
-
-    def notes(self) -> list[str]:
-        return notes(self.unmatched, self.llm_calls_without_price)
-
-
-def invocations_sql(where: CallFilter, dialect: str, top: int | None = None) -> tuple[str, list[Any]]:
-    """Per request_id in scope: its LLM rows and its tool rows, each summed, and the all-in total."""
-    d = dialect_sql(dialect)
-    t_clauses, t_params = tool_where(where)
-    l_clauses, l_params = llm_where(where)
-    order = f"total_cost_usd DESC, request_id LIMIT {int(top)}" if top is not None else "ts, request_id"
-    sql = f"""
-WITH tool AS (
-    SELECT c.request_id AS rid, min(c.ts) AS ts, min(c.project_id) AS project, min(c.agent_id) AS agent,
-           count(*) AS tool_calls,
-           sum(CASE WHEN c.status IN ('error', 'tool_error') THEN 1 ELSE 0 END) AS errors,
-           {d.distinct_list("c.tool")} AS tools, sum(c.cost_usd) AS tool_cost
-    FROM calls c{where_sql(t_clauses, "c.request_id IS NOT NULL")}
-    GROUP BY c.request_id
-),
-llm AS (
-    SELECT rid, min(ts) AS ts, min(project) AS project, min(agent) AS agent, min(model) AS model,
-           count(*) AS llm_calls, sum(pt) AS pt, sum(ct) AS ct, sum(cost) AS cost
-    FROM (
-        SELECT l.request_id AS rid, l.ts AS ts, l.project_id AS project, l.agent_id AS agent,
-               l.model AS model, l.prompt_tokens AS pt, l.completion_tokens AS ct,
-               {llm_cost_sql("l")} AS cost
-        FROM llm_calls l{where_sql(l_clauses)}
-    ) priced GROUP BY rid
-),
-facts AS (
-    SELECT rid, ts, NULL AS l_project, NULL AS l_agent, project AS t_project, agent AS t_agent,
-           NULL AS model, 0 AS llm_calls, 0 AS pt, 0 AS ct, NULL AS llm_cost,
-           tool_calls, errors, tools, tool_cost
-    FROM tool
-    UNION ALL
-    SELECT rid, ts, project, agent, NULL, NULL, model, llm_calls, pt, ct, cost, 0, 0, NULL, NULL
-    FROM llm
-)
-SELECT rid AS request_id, min(ts) AS ts,
-       coalesce(max(l_project), max(t_project)) AS project,
-       coalesce(max(l_agent), max(t_agent)) AS agent,
-       max(model) AS model, sum(llm_calls) AS llm_calls, sum(pt) AS prompt_tokens,
-       sum(ct) AS completion_tokens, coalesce(sum(llm_cost), 0) AS llm_cost_usd,
-       sum(tool_calls) AS tool_calls, sum(errors) AS errors, max(tools) AS tools,
-       coalesce(sum(tool_cost), 0) AS tool_cost_usd,
-       coalesce(sum(llm_cost), 0) + coalesce(sum(tool_cost), 0) AS total_cost_usd
-FROM facts GROUP BY rid ORDER BY {order}
-"""
-    return sql, t_params + l_params
-
-
-def iter_invocations(store: Store, where: CallFilter, top: int | None = None) -> Iterator[dict[str, Any]]:
-    """The rows of ``report invocations``, streamed (:data:`INVOCATION_COLUMNS`)."""
-    sql, params = invocations_sql(where, store.dialect, top)
-    text_columns = ("request_id", "ts", "project", "agent", "model", "tools")
-    for raw in store.query(sql, params):
-        row: dict[str, Any] = {}
-        for column, value in zip(INVOCATION_COLUMNS, raw, strict=True):
-            row[column] = value if column in text_columns else _clean(column, value)
-        row["tools"] = sorted(set(orjson.loads(row["tools"]))) if row["tools"] else []
-        yield row
-
-
-def invocations(store: Store, where: CallFilter, top: int | None = None) -> Invocations:
-    """``report invocations`` in memory (the command streams :func:`iter_invocations`)."""
-    unmatched, unpriced = count_unmatched(store, where), unpriced_llm_calls(store, where)
-    return Invocations(list(iter_invocations(store, where, top)), unmatched, unpriced)
-
-
-def unpriced_llm_calls(store: Store, where: CallFilter) -> int:
-    """LLM rows in scope without a model price in force."""
-    clauses, params = llm_where(where)
-    row = store.query_one(
-        f"SELECT count(*) - count({llm_cost_sql('l')}) FROM llm_calls l{where_sql(clauses)}", params
-    )
-    return int(row[0] or 0) if row else 0
-
-
-# -- output -------------------------------------------------------------------------------
-
-
-def write_json(rows: list[dict[str, Any]], out: IO[str]) -> None:
-    """A JSON array of objects, one per row."""
-    out.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2).decode())
-    out.write("\n")
-
-
-def write_invocations_json(
-    rows: Iterable[dict[str, Any]], unmatched: Unmatched, unpriced: int, out: IO[str]
-) -> None:
-    """``{"invocations": [...], "unmatched": {...}, "llm_calls_without_price": N}``, streamed:
-    one invocation a line, so memory stays flat however many there are."""
-    out.write('{\n  "invocations": [')
-    separator = "\n    "
-    for row in rows:
-        out.write(separator + orjson.dumps(row).decode())
-        separator = ",\n    "
-    out.write('\n  ],\n  "unmatched": ' + orjson.dumps(unmatched.as_dict()).decode())
-    out.write(f',\n  "llm_calls_without_price": {int(unpriced)}\n}}\n')
-
-
-def write_csv(columns: Sequence[str], rows: Iterable[dict[str, Any]], out: IO[str]) -> None:
-    """A header row, then one line per row; nulls are empty cells, a list (``tools``) the text
-    of a JSON array. Text is escaped against spreadsheet formulas
-    (:class:`~mcpmeter.exporters.text.CsvWriter`)."""
-    from mcpmeter.exporters.text import CsvWriter
-
-    writer = CsvWriter(out.write)
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow(_csv_value(row[c]) for c in columns)
-
-
-def _csv_value(value: Any) -> Any:
-    return orjson.dumps(value).decode() if isinstance(value, list) else value
-
-
-def write_table(
-    columns: Sequence[str],
-    rows: list[dict[str, Any]],
-    out: IO[str],
-    *,
-    total: bool = True,
-    notes: Sequence[str] = (),
-) -> None:
-    """Aligned columns, a total line (sums; percentiles do not add up), then ``notes``.
-
-    Values are shown with their control characters escaped (:func:`mcpmeter.output.terminal.printable`).
-    """
-    cells = [[_cell(c, row[c]) for c in columns] for row in rows]
-    if total and rows:
-        sums = ["" for _ in columns]
-        sums[0] = "total"
-        for i, column in enumerate(columns):
-            if i and column in _SUMMABLE:
-                sums[i] = _cell(column, sum(row[column] or 0 for row in rows))
-        cells.append(sums)
-    header = [printable(c) for c in columns]
-    widths = [max([len(c), *(len(line[i]) for line in cells)]) for i, c in enumerate(header)]
-    numeric = [c in _SUMMABLE or c.endswith("_ms") for c in columns]
-
-    def line(values: Sequence[str]) -> str:
-        parts = [
-            v.rjust(w) if is_num else v.ljust(w) for v, w, is_num in zip(values, widths, numeric, strict=True)
-        ]
-        return "  ".join(parts).rstrip()
-
-    out.write(line(header) + "\n")
-    for i, values in enumerate(cells):
-        if total and rows and i == len(cells) - 1:
-            out.write(line(["-" * w for w in widths]) + "\n")
-        out.write(line(values) + "\n")
-    if not rows:
-        out.write("(no rows)\n")
-    for note in notes:
-        out.write(note + "\n")
-
-
-#: Columns that add up in a total line (percentiles, keys and text do not).
-_SUMMABLE = frozenset({c for c in COLUMNS if not c.endswith("_ms")} | {"llm_calls", "tool_calls", "errors"})
-
-
-def _cell(column: str, value: Any) -> str:
-    if value is None:
-        return "-"
-    if column.endswith("_usd"):
-        return f"${value:,.4f}"
-    if column.endswith("_ms"):
-        return f"{value:,.1f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    if isinstance(value, list):  # tool names: one quoted when it holds the separator
-        return printable(", ".join(orjson.dumps(v).decode() if "," in v else v for v in value) or "-")
-    return printable(str(value))

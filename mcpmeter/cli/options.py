@@ -1,10 +1,18 @@
-"""Options shared by the read commands, so every command spells them the same way."""
+"""Options shared by the read commands, so every command spells them the same way.
+
+Values are checked while the command line is parsed, before a store is opened: an unknown
+``--status`` (here) or ``--format`` (:func:`mcpmeter.output.formats.format_option`) is one
+line on stderr and exit 2, the same in every command.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from mcpmeter.store.base import CallFilter
 
 DbOption = Annotated[
     str | None,
@@ -44,3 +52,27 @@ SinceOption = Annotated[
 UntilOption = Annotated[
     str | None, typer.Option("--until", help="Before this time: ISO date/time or a span.")
 ]
+
+
+def call_filter(
+    since: str | None,
+    until: str | None,
+    project: str | None,
+    agent: str | None,
+    session: str | None,
+    tool: str | None,
+    status: str | None,
+) -> CallFilter:
+    """The rows the filter options select (``--since`` and ``--until`` read as times)."""
+    from mcpmeter.store.base import CallFilter
+    from mcpmeter.timeparse import parse_when
+
+    return CallFilter(
+        since=parse_when(since) if since else None,
+        until=parse_when(until) if until else None,
+        project_id=project,
+        agent_id=agent,
+        session_id=session,
+        tool=tool,
+        status=status,
+    )

@@ -10,13 +10,13 @@ may be null. Needs pyarrow (``pip install 'mcpmeter[parquet]'``), imported only 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from itertools import islice
 from typing import IO, Any
 
 from mcpmeter import __version__
 from mcpmeter.errors import UsageError
+from mcpmeter.output.json import json_bytes
 from mcpmeter.record import COLUMNS
 
 #: Rows per row group (held in memory as Arrow arrays until written).
@@ -68,7 +68,7 @@ def schema() -> Any:
         "creator": {"library": "mcpmeter", "version": __version__},
         "pandas_version": "2.0.0",
     }
-    return pa.schema(fields, metadata={b"pandas": json.dumps(pandas).encode()})
+    return pa.schema(fields, metadata={b"pandas": json_bytes(pandas)})
 
 
 def write_parquet(rows: Iterable[tuple[Any, ...]], out: IO[bytes], row_group: int = ROW_GROUP) -> int:

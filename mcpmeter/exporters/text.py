@@ -1,91 +1,32 @@
 """``mcpmeter export``: audit rows out as JSON lines or CSV, streamed (memory stays flat).
 
-:class:`CsvWriter` is the one CSV writer of mcpmeter (``export --format csv``, ``report
---format csv``, ``report invocations --format csv``). Values come from clients and servers,
-so a spreadsheet must never take a cell for a formula (CSV injection, as OWASP describes
-it): a text cell that starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return gets
-a leading ``'``, and so does one that starts with ``'`` itself, so the escape is reversible
-(drop one leading ``'`` from a text cell that has one). Numbers are written as numbers: a
-negative ``error_code`` stays ``-32602``. A cell holding a CR or an LF is always quoted, so
-every reader sees one record per row.
+Parquet is :mod:`mcpmeter.exporters.parquet`; ``--format otlp`` replays rows to a collector
+(:func:`mcpmeter.exporters.otel.replay`).
+
+Every column of :data:`mcpmeter.record.COLUMNS`, in order, one row at a time from the
+store's cursor. The writers are the output layer's: JSON through orjson
+(:func:`mcpmeter.output.json.write_json_lines`), CSV escaped against spreadsheet formulas
+(:class:`mcpmeter.output.csv.CsvWriter`).
 """
 
 from __future__ import annotations
 
-import csv
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import IO, Any
 
-import orjson
-
+from mcpmeter.output.csv import CsvWriter
+from mcpmeter.output.csv import write_csv as write_csv_rows
+from mcpmeter.output.json import write_json_lines
 from mcpmeter.record import COLUMNS
 
-#: jsonl and csv are written here; parquet by :mod:`mcpmeter.exporters.parquet`; otlp replays rows to a
-#: collector (:func:`mcpmeter.exporters.otel.replay`).
-FORMATS = ("jsonl", "csv", "parquet", "otlp")
+__all__ = ["CsvWriter", "write_csv", "write_jsonl"]
 
 
 def write_jsonl(rows: Iterable[tuple[Any, ...]], out: IO[bytes]) -> int:
     """One JSON object per row, keys in column order. Returns the number of rows."""
-    count = 0
-    dumps = orjson.dumps
-    columns = COLUMNS
-    buffer: list[bytes] = []
-    for row in rows:
-        buffer.append(dumps(dict(zip(columns, row, strict=True))))
-        count += 1
-        if len(buffer) >= 1000:
-            out.write(b"\n".join(buffer) + b"\n")
-            buffer.clear()
-    if buffer:
-        out.write(b"\n".join(buffer) + b"\n")
-    return count
-
-
-#: How a text cell may start that a spreadsheet could read as a formula (or that is the escape).
-CSV_ESCAPED_START = frozenset("=+-@\t\r'")
-
-
-def csv_cell(value: Any) -> Any:
-    """One cell as :class:`CsvWriter` writes it: null empty, text escaped, numbers as they are."""
-    if value is None:
-        return ""
-    if isinstance(value, str) and value[:1] in CSV_ESCAPED_START:
-        return "'" + value
-    return value
-
-
-class _Line:
-    """The file :mod:`csv` writes to: one call per record, ending CR LF, passed on ending LF.
-
-    The csv module quotes a cell that holds a character of the line terminator, so with
-    CR LF a bare CR inside a value is quoted too (with LF alone it would not be, and readers
-    would split the record there); each record is then written with a plain LF.
-    """
-
-    def __init__(self, write: Callable[[str], object]) -> None:
-        self._write = write
-
-    def write(self, line: str) -> None:
-        self._write(line[:-2] + "\n")
-
-
-class CsvWriter:
-    """Writes CSV records to ``write`` (a text sink, e.g. ``out.write``); see the module doc."""
-
-    def __init__(self, write: Callable[[str], object]) -> None:
-        self._writer = csv.writer(_Line(write), lineterminator="\r\n")
-
-    def writerow(self, cells: Iterable[Any]) -> None:
-        self._writer.writerow(map(csv_cell, cells))
+    return write_json_lines(COLUMNS, rows, out)
 
 
 def write_csv(rows: Iterable[tuple[Any, ...]], out: IO[bytes]) -> int:
-    """A header row, then one line per row; nulls are empty cells."""
-    writer = CsvWriter(lambda text: out.write(text.encode()))
-    writer.writerow(COLUMNS)
-    count = 0
-    for row in rows:
-        writer.writerow(row)
-        count += 1
-    return count
+    """A header row, then one line per row; nulls are empty cells. Returns the number of rows."""
+    return write_csv_rows(COLUMNS, rows, lambda text: out.write(text.encode()))

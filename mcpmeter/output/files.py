@@ -26,6 +26,9 @@ first). Choices:
 - A target with other hard links is replaced under this name only; the other names keep the
   old content (the price of an atomic rename).
 
+:func:`write_output` is :func:`atomic_output` for content already whole in memory (the HTML
+page).
+
 :func:`writing_stdout` does for stdout what :func:`atomic_output` does for a file's errors: a
 write or the final flush failing (``/dev/full``, a full disk behind a redirect, EIO) is one
 line and exit 1, not a traceback, and nothing is reported twice at exit.
@@ -175,6 +178,12 @@ def atomic_output(target: Path) -> Iterator[BinaryIO]:
             raise _cannot_write(target, exc) from exc
         raise
     _fsync_directory(final.parent)
+
+
+def write_output(target: Path, data: bytes) -> None:
+    """Make ``data`` the content of ``target``, atomically (:func:`atomic_output`)."""
+    with atomic_output(target) as out:
+        out.write(data)
 
 
 def _cannot_write(target: Path, exc: OSError) -> MeterError:

@@ -4,7 +4,8 @@ The :class:`Poller` reads new rows by id (``WHERE id > ? AND id <= ? ... LIMIT``
 read connection, each query its own short read transaction: under WAL, readers never block
 the writers. Two front ends consume it:
 
-- :func:`stream_json`: one JSON object per row on stdout, flushed per line;
+- :func:`stream_json` (``--json``, ``--format json``): one JSON object per row on stdout,
+  flushed per line (:func:`mcpmeter.output.json.write_json_lines`);
 - :func:`run_screen`: the full-screen view. The main thread polls the store into a
   :class:`~mcpmeter.tail.model.TailState`; ``rich.live.Live`` redraws from it on its own
   refresh thread; a :class:`~mcpmeter.output.terminal.KeyReader` thread handles ``q``, ``p``, ``g``.
@@ -21,8 +22,7 @@ import time
 from dataclasses import replace
 from typing import IO, Any
 
-import orjson
-
+from mcpmeter.output.json import write_json_lines
 from mcpmeter.record import COLUMNS
 from mcpmeter.store.base import CallFilter, Store
 from mcpmeter.tail.model import BudgetStatus, TailState
@@ -96,7 +96,7 @@ def _max_id(store: Store) -> int:
     return int(row[0]) if row and row[0] is not None else 0
 
 
-# -- --json ----------------------------------------------------------------------------------
+# -- --json, --format json ---------------------------------------------------------------------
 
 
 def stream_json(poller: Poller, out: IO[bytes], *, follow: bool, interval: float) -> int:
@@ -105,14 +105,10 @@ def stream_json(poller: Poller, out: IO[bytes], *, follow: bool, interval: float
     Following, each line is flushed as it is written and the store is polled every
     ``interval`` seconds until interrupted. A closed pipe (``| head``) ends it quietly.
     """
-    dumps = orjson.dumps
     try:
         while True:
             rows, more = poller.poll()
-            for row in rows:
-                out.write(dumps(dict(zip(COLUMNS, row, strict=True))) + b"\n")
-                if follow:
-                    out.flush()
+            write_json_lines(COLUMNS, rows, out, flush=follow)
             if more:
                 continue
             if not follow or poller.done:

@@ -1,4 +1,4 @@
-"""``mcpmeter export``."""
+"""``mcpmeter export``: audit rows out to a file, stdout or an OTLP collector."""
 
 from __future__ import annotations
 
@@ -18,11 +18,17 @@ from mcpmeter.cli.options import (
     StatusFilter,
     ToolFilter,
     UntilOption,
+    call_filter,
 )
 from mcpmeter.errors import UsageError
+from mcpmeter.output.formats import format_option
 
 if TYPE_CHECKING:
     from mcpmeter.exporters.otel import OtlpConfig
+
+#: What ``--format`` accepts: jsonl and csv (:mod:`mcpmeter.exporters.text`), parquet
+#: (:mod:`mcpmeter.exporters.parquet`), otlp (:func:`mcpmeter.exporters.otel.replay`).
+EXPORT_FORMATS = ("jsonl", "csv", "parquet", "otlp")
 
 
 def register(app: typer.Typer) -> None:
@@ -35,7 +41,10 @@ def register(app: typer.Typer) -> None:
 def export(
     db: DbOption = None,
     format: Annotated[
-        str, typer.Option("--format", help="jsonl, csv, parquet (needs -o FILE) or otlp (needs an endpoint).")
+        str,
+        format_option(
+            EXPORT_FORMATS, help="jsonl, csv, parquet (needs -o FILE) or otlp (needs an endpoint)."
+        ),
     ] = "jsonl",
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write to FILE instead of stdout.")
@@ -56,27 +65,16 @@ def export(
         ),
     ] = None,
 ) -> None:
-    from mcpmeter.exporters.text import FORMATS, write_csv, write_jsonl
+    from mcpmeter.exporters.text import write_csv, write_jsonl
     from mcpmeter.output.files import atomic_output, guard_output, writing_stdout
-    from mcpmeter.store import CallFilter, open_store, resolve_db
-    from mcpmeter.timeparse import parse_when
+    from mcpmeter.store import open_store, resolve_db
 
-    if format not in FORMATS:
-        raise UsageError(f"unknown format {format!r}: use one of {', '.join(FORMATS)}")
     if format == "parquet" and output is None:
         raise UsageError("--format parquet needs -o FILE")
     if endpoint is not None and format != "otlp":
         raise UsageError("--endpoint goes with --format otlp")
     otlp = _otlp_config(endpoint) if format == "otlp" else None
-    where = CallFilter(
-        since=parse_when(since) if since else None,
-        until=parse_when(until) if until else None,
-        project_id=project,
-        agent_id=agent,
-        session_id=session,
-        tool=tool,
-        status=status,
-    )
+    where = call_filter(since, until, project, agent, session, tool, status)
     location = resolve_db(db)
     if output is not None:
         guard_output(output, location)  # before the store is opened: -o must never overwrite it

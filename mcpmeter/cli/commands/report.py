@@ -1,10 +1,19 @@
-"""``mcpmeter report``: usage and cost, grouped; ``report invocations``: per request_id."""
+"""``mcpmeter report``: usage and cost, grouped; ``report invocations``: per request_id.
+
+The queries are :mod:`mcpmeter.analysis` (:mod:`~mcpmeter.analysis.report`,
+:mod:`~mcpmeter.analysis.invocations`); how their rows are shown lives here, written through
+the output layer (:mod:`mcpmeter.output`): ``--format table`` aligned columns, a total line
+and the notes (unmatched and unpriced counts); ``json`` and ``csv`` the exact values, the
+notes then on stderr so that stdout stays machine-readable.
+"""
 
 from __future__ import annotations
 
+import functools
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import IO, TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,13 +26,15 @@ from mcpmeter.cli.options import (
     StatusFilter,
     ToolFilter,
     UntilOption,
+    call_filter,
 )
-from mcpmeter.errors import UsageError
+from mcpmeter.output.formats import TABLE_JSON_CSV, format_option
 
 if TYPE_CHECKING:
-    from mcpmeter.store import CallFilter, Store
+    from mcpmeter.analysis.join import Unmatched
+    from mcpmeter.store import Store
 
-FormatOption = Annotated[str, typer.Option("--format", help="table, json or csv.")]
+FormatOption = Annotated[str, format_option(TABLE_JSON_CSV)]
 TopOption = Annotated[
     int | None,
     typer.Option("--top", min=1, help="Only the N costliest rows (by total cost), costliest first."),
@@ -75,12 +86,11 @@ def report(
     if ctx.invoked_subcommand is not None:
         return
     from mcpmeter.analysis import report as reports
-    from mcpmeter.output.files import atomic_output, guard_output, writing_stdout
+    from mcpmeter.output.files import guard_output, writing_stdout
     from mcpmeter.store import open_store, resolve_db
 
     keys = reports.parse_by(by)
-    _check_format(format, reports.FORMATS)
-    where = _filter(since, until, project, agent, session, tool, status)
+    where = call_filter(since, until, project, agent, session, tool, status)
     location = resolve_db(db)
     if html is not None:
         guard_output(html, location, option="--html")  # before the store is opened
@@ -90,24 +100,16 @@ def report(
         if html is not None:
             from mcpmeter.analysis.html import write_html
 
-            with atomic_output(html) as page:
-                write_html(store, keys, where, page, top=top)
+            write_html(store, keys, where, html, top=top)
             sys.stderr.write(f"mcpmeter: wrote {html}\n")
             return
         result = reports.grouped(store, keys, where, top)
     finally:
         store.close()
-    out = sys.stdout
     with writing_stdout():
-        if format == "json":
-            reports.write_json(result.rows, out)
-        elif format == "csv":
-            reports.write_csv((*keys, *reports.COLUMNS), result.rows, out)
-        else:
-            reports.write_table((*keys, *reports.COLUMNS), result.rows, out, notes=result.notes())
+        write_rows(format, (*keys, *reports.COLUMNS), result.rows, sys.stdout, notes=result.notes())
     if format != "table":  # stdout stays machine-readable; the counts still reach the reader
-        for note in result.notes():
-            sys.stderr.write(f"mcpmeter: {note}\n")
+        _notes_to_stderr(result.notes())
 
 
 def invocations(
@@ -122,31 +124,27 @@ def invocations(
     format: FormatOption = "table",
     top: TopOption = None,
 ) -> None:
-    from mcpmeter.analysis import report as reports
+    from mcpmeter.analysis.invocations import INVOCATION_COLUMNS, iter_invocations
+    from mcpmeter.analysis.join import count_unmatched, notes, unpriced_llm_calls
     from mcpmeter.output.files import writing_stdout
     from mcpmeter.store import open_store, resolve_db
 
-    _check_format(format, reports.FORMATS)
-    where = _filter(since, until, project, agent, session, tool, status)
+    where = call_filter(since, until, project, agent, session, tool, status)
     out = sys.stdout
-    columns = reports.INVOCATION_COLUMNS
     store = open_store(resolve_db(db), create=False)
     try:
         _with_bundled_prices(store)
-        unmatched = reports.count_unmatched(store, where)
-        unpriced = reports.unpriced_llm_calls(store, where)
-        notes = reports.notes(unmatched, unpriced)
-        rows = reports.iter_invocations(store, where, top)  # streamed for json and csv
+        unmatched = count_unmatched(store, where)
+        unpriced = unpriced_llm_calls(store, where)
+        lines = notes(unmatched, unpriced)
+        rows = iter_invocations(store, where, top)  # streamed for json and csv
         with writing_stdout():
-            if format == "json":
-                reports.write_invocations_json(rows, unmatched, unpriced, out)
-            elif format == "csv":
-                reports.write_csv(columns, rows, out)
+            if format == "json":  # the counts are members of the document
+                _write_invocations_json(rows, unmatched, unpriced, out)
             else:
-                reports.write_table(columns, list(rows), out, notes=notes)
+                write_rows(format, INVOCATION_COLUMNS, rows, out, notes=lines)
         if format == "csv":
-            for note in notes:
-                sys.stderr.write(f"mcpmeter: {note}\n")
+            _notes_to_stderr(lines)
     finally:
         store.close()
 
@@ -162,29 +160,86 @@ def _with_bundled_prices(store: Store) -> None:
         warn(f"cannot load the bundled model prices ({exc}); LLM calls without a price count as $0")
 
 
-def _check_format(format: str, formats: tuple[str, ...]) -> None:
-    if format not in formats:
-        raise UsageError(f"unknown format {format!r}: use one of {', '.join(formats)}")
+# -- how a report is shown ----------------------------------------------------------------
 
 
-def _filter(
-    since: str | None,
-    until: str | None,
-    project: str | None,
-    agent: str | None,
-    session: str | None,
-    tool: str | None,
-    status: str | None,
-) -> CallFilter:
-    from mcpmeter.store import CallFilter
-    from mcpmeter.timeparse import parse_when
+def write_rows(
+    format: str,
+    columns: Sequence[str],
+    rows: Iterable[dict[str, Any]],
+    out: IO[str],
+    *,
+    notes: Sequence[str] = (),
+) -> None:
+    """``rows`` (their ``columns``) in ``format``: a JSON array of objects, CSV (streamed),
+    or the table, its total line and then ``notes``."""
+    from mcpmeter.output.csv import write_csv
+    from mcpmeter.output.json import write_json
+    from mcpmeter.output.table import write_table
 
-    return CallFilter(
-        since=parse_when(since) if since else None,
-        until=parse_when(until) if until else None,
-        project_id=project,
-        agent_id=agent,
-        session_id=session,
-        tool=tool,
-        status=status,
-    )
+    if format == "json":
+        write_json(list(rows), out)
+    elif format == "csv":
+        write_csv(columns, ([row[c] for c in columns] for row in rows), out.write)
+    else:
+        shown = list(rows)
+        write_table(
+            out,
+            columns,
+            [[_cell(c, row[c]) for c in columns] for row in shown],
+            numeric=[c in _summable() or c.endswith("_ms") for c in columns],
+            total=_total(columns, shown),
+            notes=notes,
+        )
+
+
+def _write_invocations_json(
+    rows: Iterable[dict[str, Any]], unmatched: Unmatched, unpriced: int, out: IO[str]
+) -> None:
+    """``{"invocations": [...], "unmatched": {...}, "llm_calls_without_price": N}``, streamed:
+    one invocation a line, so memory stays flat however many there are."""
+    from mcpmeter.output.json import write_json_stream
+
+    after = {"unmatched": unmatched.as_dict(), "llm_calls_without_price": int(unpriced)}
+    write_json_stream(out, "invocations", rows, after)
+
+
+def _notes_to_stderr(notes: Sequence[str]) -> None:
+    for note in notes:
+        sys.stderr.write(f"mcpmeter: {note}\n")
+
+
+@functools.cache
+def _summable() -> frozenset[str]:
+    """Columns that add up in a total line (percentiles, keys and text do not)."""
+    from mcpmeter.analysis.report import COLUMNS
+
+    return frozenset({c for c in COLUMNS if not c.endswith("_ms")} | {"llm_calls", "tool_calls", "errors"})
+
+
+def _total(columns: Sequence[str], rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The total line: ``total`` under the first column, the sum under each summable one."""
+    summable = _summable()
+    sums = ["" for _ in columns]
+    sums[0] = "total"
+    for i, column in enumerate(columns):
+        if i and column in summable:
+            sums[i] = _cell(column, sum(row[column] or 0 for row in rows))
+    return sums
+
+
+def _cell(column: str, value: Any) -> str:
+    """A value as the table shows it: ``-`` for none, dollars to 4 places, ms to 1."""
+    if value is None:
+        return "-"
+    if column.endswith("_usd"):
+        return f"${value:,.4f}"
+    if column.endswith("_ms"):
+        return f"{value:,.1f}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, list):  # tool names: one quoted when it holds the separator
+        from mcpmeter.output.json import json_text
+
+        return ", ".join(json_text(v) if "," in v else v for v in value) or "-"
+    return str(value)

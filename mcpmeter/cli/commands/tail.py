@@ -16,14 +16,17 @@ from mcpmeter.cli.options import (
     ToolFilter,
 )
 from mcpmeter.errors import UsageError
+from mcpmeter.output.formats import format_option
 
 MIN_INTERVAL_S = 0.05
+#: What ``--format`` accepts: the live view (the default), or a JSON object per row (``--json``).
+TAIL_FORMATS = ("view", "json")
 
 
 def register(app: typer.Typer) -> None:
     app.command(
         help="Follow calls as they are recorded: a live full-screen view (q quits, p pauses, "
-        "g cycles the grouping), or --json for one JSON object per row."
+        "g cycles the grouping), or --json (--format json) for one JSON object per row."
     )(tail)
 
 
@@ -49,6 +52,10 @@ def tail(
         bool,
         typer.Option("--json", help="One JSON object per row on stdout (every column), flushed per line."),
     ] = False,
+    format: Annotated[
+        str | None,
+        format_option(TAIL_FORMATS, help="view (the live view, default) or json (as --json)."),
+    ] = None,
     follow: Annotated[
         bool,
         typer.Option(
@@ -65,6 +72,9 @@ def tail(
     from mcpmeter.tail.model import GROUPINGS, WINDOW_S
     from mcpmeter.timeparse import parse_when
 
+    if json and format == "view":
+        raise UsageError("tail: --json and --format view ask for different outputs; give one")
+    json = json or format == "json"
     if not json and not sys.stdout.isatty():
         raise UsageError("tail: stdout is not a terminal; use --json for a stream of rows")
     if by not in GROUPINGS:
